@@ -1,0 +1,122 @@
+"""AttnResConfig: a Llama-style decoder config plus the residual scheme."""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+from ..residual import RESIDUALS
+
+
+def _positive_int(name: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+class AttnResConfig(PretrainedConfig):
+    r"""Configuration of :class:`AttnResForCausalLM`.
+
+    The decoder keys are Llama's (``vocab_size``, ``hidden_size``, ``num_hidden_layers``, ...), so a
+    ``residual="standard"`` model *is* a Llama. The residual keys:
+
+    - ``residual``: ``"standard"`` (PreNorm sum), ``"full"`` (Full AttnRes) or ``"block"`` (Block AttnRes).
+    - ``attn_res_block_size``: sublayers per block, the paper's S. Each decoder layer has two
+      sublayers (attention, MLP), so a model has L = 2 * num_hidden_layers sublayers. S = 1 is Full.
+    - ``attn_res_num_blocks``: the paper's N; used when no block size is given, as
+      S = ceil(L / N) (so the model has at most N blocks; the last one is shorter when N does not
+      divide L). Default 8.
+    - ``attn_res_block_layers``: the Kimi-K3 / HF ``attn_res_block_size`` convention, block size in
+      *decoder layers*; S = 2 * attn_res_block_layers.
+    - ``attn_res_final_aggregation``: if True (default) the final hidden state is one more AttnRes
+      read over all sources, with its own pseudo-query and key-norm gain (our reading of PAPER §1
+      "Final output"); if False it is the plain sum of all sources.
+
+    After construction ``attn_res_block_size`` holds the resolved S (1 for "full", None for "standard").
+    """
+
+    model_type = "attnres"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(
+        self,
+        vocab_size: int = 8192,
+        hidden_size: int = 256,
+        intermediate_size: int = 704,
+        num_hidden_layers: int = 8,
+        num_attention_heads: int = 8,
+        num_key_value_heads: int | None = None,
+        max_position_embeddings: int = 2048,
+        rms_norm_eps: float = 1e-6,
+        rope_theta: float = 10000.0,
+        initializer_range: float = 0.02,
+        tie_word_embeddings: bool = False,
+        use_cache: bool = True,
+        residual: str = "block",
+        attn_res_block_size: int | None = None,
+        attn_res_num_blocks: int = 8,
+        attn_res_block_layers: int | None = None,
+        attn_res_final_aggregation: bool = True,
+        **kwargs,
+    ):
+        self.vocab_size = _positive_int("vocab_size", vocab_size)
+        self.hidden_size = _positive_int("hidden_size", hidden_size)
+        self.intermediate_size = _positive_int("intermediate_size", intermediate_size)
+        self.num_hidden_layers = _positive_int("num_hidden_layers", num_hidden_layers)
+        self.num_attention_heads = _positive_int("num_attention_heads", num_attention_heads)
+        if num_key_value_heads is None:
+            num_key_value_heads = num_attention_heads
+        self.num_key_value_heads = _positive_int("num_key_value_heads", num_key_value_heads)
+        self.max_position_embeddings = _positive_int("max_position_embeddings", max_position_embeddings)
+        if hidden_size % num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({hidden_size}) must be divisible by num_attention_heads ({num_attention_heads})"
+            )
+        if num_attention_heads % num_key_value_heads:
+            raise ValueError(
+                f"num_key_value_heads ({num_key_value_heads}) must divide num_attention_heads "
+                f"({num_attention_heads})"
+            )
+        if (hidden_size // num_attention_heads) % 2:
+            raise ValueError(f"head dim hidden_size/num_attention_heads must be even for RoPE, got "
+                             f"{hidden_size}/{num_attention_heads}")
+        if not rms_norm_eps >= 0:
+            raise ValueError(f"rms_norm_eps must be >= 0, got {rms_norm_eps!r}")
+        self.rms_norm_eps = rms_norm_eps
+        self.rope_theta = rope_theta
+        self.initializer_range = initializer_range
+        self.use_cache = use_cache
+        if residual not in RESIDUALS:
+            raise ValueError(f"unknown residual {residual!r}; allowed: {', '.join(RESIDUALS)}")
+        self.residual = residual
+        self.attn_res_num_blocks = _positive_int("attn_res_num_blocks", attn_res_num_blocks)
+        if attn_res_block_layers is not None:
+            _positive_int("attn_res_block_layers", attn_res_block_layers)
+        self.attn_res_block_layers = attn_res_block_layers
+        self.attn_res_final_aggregation = bool(attn_res_final_aggregation)
+        self.attn_res_block_size = self._resolve_block_size(attn_res_block_size)
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+    @property
+    def num_sublayers(self) -> int:
+        return 2 * self.num_hidden_layers
+
+    def _resolve_block_size(self, block_size: int | None) -> int | None:
+        if block_size is not None:
+            _positive_int("attn_res_block_size", block_size)
+        layers = self.attn_res_block_layers
+        if block_size is not None and layers is not None and block_size != 2 * layers:
+            raise ValueError(
+                f"attn_res_block_size={block_size} (sublayers) contradicts attn_res_block_layers={layers} "
+                f"(decoder layers = {2 * layers} sublayers); give one of them"
+            )
+        if self.residual == "standard":
+            return None
+        if self.residual == "full":
+            if block_size not in (None, 1):
+                raise ValueError(f"residual='full' has block size 1, got attn_res_block_size={block_size}")
+            return 1
+        if block_size is not None:
+            return block_size
+        if layers is not None:
+            return 2 * layers
+        return -(-self.num_sublayers // self.attn_res_num_blocks)

@@ -1,0 +1,244 @@
+"""AttnResForCausalLM: a Llama-style decoder whose residual connections are a pluggable scheme.
+
+The network never branches on the scheme: each sublayer's input comes from ``stream.read`` and its
+output goes to ``stream.write`` (DESIGN.md). Parameter names follow HF Llama, so a
+``LlamaForCausalLM`` state_dict loads into a ``residual="standard"`` model and gives the same logits;
+AttnRes adds only ``model.residual.pseudo_query`` and ``model.residual.key_norm_weight``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from ..residual import AttnResScheme, ResidualStream, build_residual
+from .configuration import AttnResConfig
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) * weight, computed in fp32 (as Llama's)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.to(x.dtype)
+
+
+def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    """Grouped-query causal self-attention with RoPE, via scaled_dot_product_attention."""
+
+    def __init__(self, config: AttnResConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        d, hd = config.hidden_size, self.head_dim
+        self.q_proj = nn.Linear(d, self.num_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * hd, d, bias=False)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, causal: bool,
+                cache: Cache | None) -> Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rope
+        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.num_kv_heads != self.num_heads
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: AttnResConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Two sublayers, each reading its input from the residual stream and writing its output back."""
+
+    def __init__(self, config: AttnResConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, stream: ResidualStream, rope, mask, causal, cache) -> None:
+        stream.write(self.self_attn(stream.read(self.input_layernorm), rope, mask, causal, cache))
+        stream.write(self.mlp(stream.read(self.post_attention_layernorm)))
+
+
+class AttnResPreTrainedModel(PreTrainedModel):
+    config_class = AttnResConfig
+    config: AttnResConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["DecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _keep_in_fp32_modules_strict = ["residual"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, AttnResScheme):
+            init.zeros_(module.pseudo_query)
+            init.ones_(module.key_norm_weight)
+
+
+def _attention_mask(attention_mask: Tensor | None, q_len: int, past: int, device) -> tuple[Tensor | None, bool]:
+    """(mask for SDPA, is_causal). Avoids building a mask when causal or no mask suffices."""
+    kv_len = past + q_len
+    if attention_mask is None or bool(attention_mask[:, -kv_len:].all()):
+        if q_len == 1:
+            return None, False
+        if past == 0:
+            return None, True
+        pad = None
+    else:
+        pad = attention_mask[:, -kv_len:].bool()
+    qi = torch.arange(past, kv_len, device=device)[:, None]
+    kj = torch.arange(kv_len, device=device)[None, :]
+    mask = kj <= qi  # [q, kv]
+    if pad is not None:
+        # a query always sees itself, so fully padded rows stay finite
+        mask = (mask & pad[:, None, :]) | (kj == qi)
+        mask = mask[:, None]  # [B, 1, q, kv]
+    return mask, False
+
+
+class AttnResModel(AttnResPreTrainedModel):
+    def __init__(self, config: AttnResConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.residual = build_residual(
+            config.residual, config.hidden_size, config.num_sublayers,
+            config.attn_res_block_size, config.attn_res_final_aggregation,
+        )
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def _rope(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        hd = self.config.hidden_size // self.config.num_attention_heads
+        inv_freq = 1.0 / (
+            self.config.rope_theta ** (torch.arange(0, hd, 2, device=position_ids.device, dtype=torch.float) / hd)
+        )
+        freqs = position_ids[..., None].float() * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, hd]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        t = inputs_embeds.shape[1]
+        if position_ids is None:
+            position_ids = torch.arange(past, past + t, device=inputs_embeds.device)[None]
+        rope = self._rope(position_ids, inputs_embeds.dtype)
+        mask, causal = _attention_mask(attention_mask, t, past, inputs_embeds.device)
+        cache = past_key_values if use_cache else None
+
+        stream = self.residual.start(inputs_embeds)
+        for layer in self.layers:
+            layer(stream, rope, mask, causal, cache)
+        hidden = stream.finish(self.norm)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache)
+
+
+class AttnResForCausalLM(AttnResPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: AttnResConfig):
+        super().__init__(config)
+        self.model = AttnResModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: Tensor | None = None,
+        labels: Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """``labels`` (same shape as ``input_ids``, -100 = ignore) give the next-token cross-entropy."""
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+        )
+        hidden = out.last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
+            )
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
