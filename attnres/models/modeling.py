@@ -16,12 +16,13 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from ..ops._checks import compute_dtype
 from ..residual import AttnResScheme, ResidualStream, build_residual
 from .configuration import AttnResConfig
 
 
 class RMSNorm(nn.Module):
-    """x * rsqrt(mean(x^2) + eps) * weight, computed in fp32 (as Llama's)."""
+    """x * rsqrt(mean(x^2) + eps) * weight, computed in fp32 (as Llama's; fp64 stays fp64)."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()
@@ -29,7 +30,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
+        xf = x.to(compute_dtype(x.dtype))
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * y.to(x.dtype)
 
