@@ -1,7 +1,16 @@
-"""The production AttnRes read.
+"""The production AttnRes read: a memory-lean custom autograd function.
 
-Scores are folded: s_i = scale * <v_i, q*g> * rsqrt(mean(v_i^2) + eps), so normalised keys are
-never materialised. Math in fp32 (fp64 for fp64 sources); the output is in the sources' dtype.
+Scores are folded, s_i = <v_i, q'> * r_i with q' = scale * q * g and r_i = rsqrt(mean(v_i^2) + eps),
+so normalised keys are never materialised, and the sources are never stacked. Backward keeps
+only references to the sources and per-token fp32 statistics (weights p, r_i, and the output
+norm's r) and recomputes the rest. Math in fp32 (fp64 for fp64 sources); output in the sources'
+dtype.
+
+Gradients (per token; h = sum_i p_i v_i, dh the gradient of h):
+    ds_i  = p_i * (<v_i, dh> - sum_j p_j <v_j, dh>)          (+ the gradient of p if returned)
+    dv_i  = p_i dh + ds_i r_i q' - ds_i s_i r_i^2 / D * v_i
+    dq'   = sum_tokens sum_i ds_i r_i v_i
+With the output norm y = w * h * r_h:  dh = r_h (dy w - h r_h^2 mean(h * dy w)),  dw = sum dy h r_h.
 """
 
 from __future__ import annotations
@@ -12,6 +21,101 @@ import torch
 from torch import Tensor
 
 from ._checks import check_read_inputs, compute_dtype
+
+
+def _flat(v: Tensor, ct: torch.dtype) -> Tensor:
+    return v.reshape(-1, v.shape[-1]).to(ct)
+
+
+def _stats(sources: Sequence[Tensor], qp: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Logits s [L, N], key rstd r [L, N] and weights p [L, N]: one read of each source."""
+    d = qp.shape[0]
+    rows = sources[0].numel() // d
+    s = qp.new_empty(len(sources), rows)
+    r = qp.new_empty(len(sources), rows)
+    for i, v in enumerate(sources):
+        vf = _flat(v, qp.dtype)
+        torch.linalg.vector_norm(vf, dim=-1, out=r[i])
+        r[i].square_().div_(d).add_(eps).rsqrt_()
+        torch.mv(vf, qp, out=s[i])
+        s[i].mul_(r[i])
+    return s, r, torch.softmax(s, dim=0)
+
+
+def _mix(sources: Sequence[Tensor], p: Tensor, ct: torch.dtype) -> Tensor:
+    """h = sum_i p_i v_i, [N, D] in the compute dtype."""
+    h = _flat(sources[0], ct) * p[0, :, None]
+    for i in range(1, len(sources)):
+        h.addcmul_(_flat(sources[i], ct), p[i, :, None])
+    return h
+
+
+def _out_rstd(h: Tensor, eps: float) -> Tensor:
+    return torch.linalg.vector_norm(h, dim=-1).square_().div_(h.shape[-1]).add_(eps).rsqrt_()
+
+
+def _finish_forward(ctx, qp, w, eps, s, r, p, h, sources, first_source):
+    """Apply the optional output norm, save what backward needs, return (o, p) shaped like the sources."""
+    rh = None
+    if w is not None:
+        rh = _out_rstd(h, eps)
+        h.mul_(rh[:, None]).mul_(w)
+    ctx.eps, ctx.first_source = eps, first_source
+    ctx.save_for_backward(qp, w, s, r, p, rh, *sources)
+    shape = sources[0].shape
+    return h.to(sources[0].dtype).reshape(shape), p.reshape(len(sources), *shape[:-1])
+
+
+def _read_backward(ctx, dy: Tensor | None, dp_out: Tensor | None):
+    """Gradient of the joint-softmax read w.r.t. (q', w, *sources), from the saved statistics."""
+    qp, w, s, r, p, rh, *sources = ctx.saved_tensors
+    ct, d = qp.dtype, qp.shape[0]
+    needs = ctx.needs_input_grad
+    dw = None
+    if dy is None:
+        dh = torch.zeros(p.shape[1], d, dtype=ct, device=qp.device)
+    else:
+        dh = _flat(dy, ct)
+        if w is not None:
+            hn = _mix(sources, p, ct).mul_(rh[:, None])  # h * r_h, recomputed
+            dyw = dh * w
+            dw = (dh * hn).sum(0) if needs[1] else None
+            coef = torch.bmm(hn.unsqueeze(1), dyw.unsqueeze(2)).view(-1).div_(d)
+            dh = dyw.sub_(hn.mul_(coef[:, None])).mul_(rh[:, None])
+    dp = torch.empty_like(p)
+    for i, v in enumerate(sources):
+        torch.bmm(_flat(v, ct).unsqueeze(1), dh.unsqueeze(2), out=dp[i].view(-1, 1, 1))
+    if dp_out is not None:
+        dp += dp_out.reshape(len(sources), -1).to(ct)
+    ds = p * (dp - (p * dp).sum(0, keepdim=True))
+    c1 = ds * r  # coefficient of q' in dv, and of v in dq'
+    c2 = ds * s * r * r / -d  # coefficient of v in dv
+    dqp = torch.zeros_like(qp) if needs[0] else None
+    grads = []
+    for i, v in enumerate(sources):
+        vf = _flat(v, ct)
+        if dqp is not None:
+            dqp.addmv_(vf.t(), c1[i])
+        if needs[ctx.first_source + i]:
+            dv = dh * p[i, :, None]
+            dv.addr_(c1[i], qp)
+            dv.addcmul_(vf, c2[i, :, None])
+            grads.append(dv.to(v.dtype).reshape(v.shape))
+        else:
+            grads.append(None)
+    return dqp, dw, grads
+
+
+class _AttnResRead(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qp: Tensor, w: Tensor | None, eps: float, *sources: Tensor):
+        s, r, p = _stats(sources, qp, eps)
+        return _finish_forward(ctx, qp, w, eps, s, r, p, _mix(sources, p, qp.dtype), sources, 3)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor | None, dp_out: Tensor | None):
+        dqp, dw, grads = _read_backward(ctx, dy, dp_out)
+        return dqp, dw, None, *grads
 
 
 def attn_res(
@@ -40,20 +144,13 @@ def attn_res(
         ``o`` of shape ``[..., D]`` in the sources' dtype, or ``(o, p)``.
     """
     check_read_inputs(query, residuals, rms_weight, output_rms_weight, rms_eps)
-    values = residuals if isinstance(residuals, Tensor) else torch.stack(list(residuals))
-    out_dtype = values.dtype
-    ct = compute_dtype(out_dtype)
-    q = query.reshape(-1).to(ct)
+    sources = residuals.unbind(0) if isinstance(residuals, Tensor) else tuple(residuals)
+    ct = compute_dtype(sources[0].dtype)
+    qp = query.reshape(-1).to(ct)
     if rms_weight is not None:
-        q = q * rms_weight.to(ct)
-    v = values.to(ct)
-    rstd = torch.rsqrt(v.pow(2).mean(-1) + rms_eps)
-    logits = (v @ q) * rstd
+        qp = qp * rms_weight.to(ct)
     if scale != 1.0:
-        logits = logits * scale
-    p = torch.softmax(logits, dim=0)
-    o = (p.unsqueeze(-1) * v).sum(0)
-    if output_rms_weight is not None:
-        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + rms_eps) * output_rms_weight.to(ct)
-    o = o.to(out_dtype)
+        qp = qp * scale
+    w = None if output_rms_weight is None else output_rms_weight.to(ct)
+    o, p = _AttnResRead.apply(qp, w, float(rms_eps), *sources)
     return (o, p) if return_weights else o

@@ -123,6 +123,10 @@ class AttnResScheme(ResidualScheme):
             self._records.append(DepthRead(self.num_sublayers, rms(h)))
         return norm(h)
 
+    def folded_queries(self, start: int, end: int) -> Tensor:
+        """q' = q * g of read points start..end-1, [end - start, D] (the key-norm gain folded in)."""
+        return self.pseudo_query[start:end] * self.key_norm_weight[start:end]
+
     def _mix(self, j: int, sources: list[Tensor], norm: Norm) -> Tensor:
         q, g = self.pseudo_query[j], self.key_norm_weight[j]
         if self._records is None:
