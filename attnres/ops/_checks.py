@@ -47,8 +47,8 @@ def check_read_inputs(
     if len(shape) == 0:
         raise ValueError("each residual must have a feature dim D as its last dim, got 0-dim sources")
     d = shape[-1]
-    if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
-        raise TypeError(f"residuals must share one floating dtype, got {sorted(map(str, dtypes))}")
+    if not all(t.is_floating_point for t in dtypes):
+        raise TypeError(f"residuals must have floating dtypes, got {sorted(map(str, dtypes))}")
     if not isinstance(query, Tensor):
         raise TypeError(f"query must be a torch.Tensor, got {type(query).__name__}")
     if tuple(query.shape) not in {(d,), (1, d), (d, 1)}:
@@ -60,6 +60,14 @@ def check_read_inputs(
     if not (isinstance(rms_eps, (int, float)) and rms_eps >= 0):
         raise ValueError(f"rms_eps must be a number >= 0, got {rms_eps!r}")
     return n, d
+
+
+def source_dtype(sources: Sequence[Tensor]) -> torch.dtype:
+    """The output dtype: the sources' promoted dtype (e.g. fp32 embedding + bf16 outputs under autocast -> fp32)."""
+    dtype = sources[0].dtype
+    for v in sources[1:]:
+        dtype = torch.promote_types(dtype, v.dtype)
+    return dtype
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

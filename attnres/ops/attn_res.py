@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._checks import check_read_inputs, compute_dtype
+from ._checks import check_read_inputs, compute_dtype, source_dtype
 
 
 def _flat(v: Tensor, ct: torch.dtype) -> Tensor:
@@ -63,7 +63,7 @@ def _finish_forward(ctx, qp, w, eps, s, r, p, h, sources, first_source):
     ctx.eps, ctx.first_source = eps, first_source
     ctx.save_for_backward(qp, w, s, r, p, rh, *sources)
     shape = sources[0].shape
-    return h.to(sources[0].dtype).reshape(shape), p.reshape(len(sources), *shape[:-1])
+    return h.to(source_dtype(sources)).reshape(shape), p.reshape(len(sources), *shape[:-1])
 
 
 def _read_backward(ctx, dy: Tensor | None, dp_out: Tensor | None):
@@ -141,11 +141,11 @@ def attn_res(
         return_weights: also return the depth weights ``p`` of shape ``[L, ...]`` (fp32).
 
     Returns:
-        ``o`` of shape ``[..., D]`` in the sources' dtype, or ``(o, p)``.
+        ``o`` of shape ``[..., D]`` in the sources' (promoted) dtype, or ``(o, p)``.
     """
     check_read_inputs(query, residuals, rms_weight, output_rms_weight, rms_eps)
     sources = residuals.unbind(0) if isinstance(residuals, Tensor) else tuple(residuals)
-    ct = compute_dtype(sources[0].dtype)
+    ct = compute_dtype(source_dtype(sources))
     qp = query.reshape(-1).to(ct)
     if rms_weight is not None:
         qp = qp * rms_weight.to(ct)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._checks import check_read_inputs, compute_dtype
+from ._checks import check_read_inputs, compute_dtype, source_dtype
 
 
 def _rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
@@ -31,10 +31,10 @@ def naive_attn_res(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Reference AttnRes read; same signature and result as :func:`attnres.attn_res`."""
     check_read_inputs(query, residuals, rms_weight, output_rms_weight, rms_eps)
-    values = residuals if isinstance(residuals, Tensor) else torch.stack(list(residuals))
-    out_dtype = values.dtype
+    sources = list(residuals.unbind(0)) if isinstance(residuals, Tensor) else list(residuals)
+    out_dtype = source_dtype(sources)
     ct = compute_dtype(out_dtype)
-    v = values.to(ct)
+    v = torch.stack([s.to(ct) for s in sources])
     q = query.reshape(-1).to(ct)
     k = _rms_norm(v, None if rms_weight is None else rms_weight.to(ct), rms_eps)
     logits = torch.einsum("d,l...d->l...", q, k) * scale

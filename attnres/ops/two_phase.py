@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._checks import compute_dtype
+from ._checks import compute_dtype, source_dtype
 from .attn_res import _finish_forward, _flat, _read_backward
 
 
@@ -109,7 +109,7 @@ def two_phase_attn_res(
     the Block stream interleaves the same two calls with the sublayers.
     """
     qp = queries if rms_weights is None else queries * rms_weights
-    qp = qp.to(compute_dtype(blocks[0].dtype))
+    qp = qp.to(compute_dtype(source_dtype(blocks)))
     inter = phase1(qp, blocks, [key_rstd(b, rms_eps) for b in blocks])
     return [merged_read(qp[j], inter[j], blocks, partials[j], output_rms_weight, rms_eps)[0]
             for j in range(qp.shape[0])]

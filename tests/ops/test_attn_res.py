@@ -131,6 +131,19 @@ def test_bf16_in_gives_bf16_out_close_to_fp32():
     assert naive_attn_res(q, [s.bfloat16() for s in src]).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("op", OPS)
+def test_mixed_dtypes_promote_like_the_residual_sum(op):
+    # under bf16 autocast the embedding stays fp32 while sublayer outputs are bf16
+    src = [torch.randn(4, 24)] + [torch.randn(4, 24).bfloat16().requires_grad_() for _ in range(3)]
+    src[0].requires_grad_()
+    q = torch.randn(24) * 0.3
+    o = op(q, src)
+    assert o.dtype == torch.float32
+    torch.testing.assert_close(o, naive_attn_res(q, [s.detach().float() for s in src]), rtol=1e-6, atol=1e-6)
+    o.sum().backward()
+    assert [s.grad.dtype for s in src] == [torch.float32] + [torch.bfloat16] * 3
+
+
 @pytest.mark.parametrize("shape", [(16,), (1, 16), (16, 1)])
 def test_query_shapes_are_equivalent(shape):
     src = _sources(3, 5, 16)
@@ -153,6 +166,8 @@ def test_query_shapes_are_equivalent(shape):
         (dict(query=torch.zeros(4), residuals="abc"), TypeError, "str"),
         (dict(query=torch.zeros(4), residuals=[torch.zeros(2, 4), 3]), TypeError, "residuals[1]"),
         (dict(query=torch.zeros(4), residuals=[torch.zeros(2, 4, dtype=torch.long)]), TypeError, "int64"),
+        (dict(query=torch.zeros(4), residuals=[torch.zeros(2, 4), torch.zeros(2, 4, dtype=torch.int32)]), TypeError,
+         "int32"),
         (dict(query=[0.0] * 4, residuals=[torch.zeros(2, 4)]), TypeError, "list"),
         (dict(query=torch.zeros(4), residuals=[torch.zeros(2, 4)], rms_eps=-1.0), ValueError, "-1.0"),
     ],
