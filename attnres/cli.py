@@ -1,9 +1,33 @@
-"""The ``attnres`` command."""
+"""The ``attnres`` command.
+
+Exit codes: 0 success; 1 bad input or a failed run (one line ``attnres: error: ...`` on stderr);
+2 bad command-line usage; 3 training stopped on a non-finite loss (no checkpoint written for it);
+130 / 143 stopped by SIGINT / SIGTERM after saving a checkpoint (continue with ``--resume``).
+Set ``ATTNRES_DEBUG=1`` to get the traceback instead of the one-line error.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+from dataclasses import replace
+from pathlib import Path
+
+EXIT_ERROR, EXIT_USAGE, EXIT_NONFINITE = 1, 2, 3
+EPILOG = (
+    "exit codes: 0 ok, 1 error, 2 usage, 3 non-finite loss (stopped, last checkpoint kept), "
+    "130/143 interrupted by SIGINT/SIGTERM (checkpoint saved; continue with --resume)"
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``attnres: error: ...``."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"attnres: error: {message}\n")
+        sys.exit(EXIT_USAGE)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -34,20 +58,330 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- train / compare
+
+
+def _progress(args) -> bool:
+    return not args.no_progress
+
+
+def _train_config(args, resume_out: Path | None):
+    """The run's config: preset < --config < --set < dedicated flags. With --resume and neither
+    --preset nor --config, the checkpoint's own config is the base."""
+    from .train.config import coerce, load_config, parse_set
+    from .train.loop import saved_config
+
+    overrides = parse_set(args.set)
+    for key in ("residual", "max_steps", "seed", "eval_every", "checkpoint_every"):
+        value = getattr(args, key, None)
+        if value is not None:
+            overrides[key] = value
+    if resume_out is not None and args.preset is None and args.config is None:
+        cfg = saved_config(resume_out)
+        return replace(cfg, **{k: coerce(k, v) for k, v in overrides.items()}).validate()
+    return load_config(args.preset, args.config, overrides)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train.loop import train
+
+    preset = args.preset or "default"
+    out = Path(args.out) if args.out else Path("runs") / f"train-{preset}-{args.residual or 'block'}"
+    cfg = _train_config(args, out if args.resume else None)
+    summary = train(cfg, out, resume=args.resume, progress=_progress(args), overwrite=args.overwrite)
+    print(
+        f"{summary['residual']}: val_loss {summary['val_loss']:.4f}  ppl {summary['ppl']:.2f}  "
+        f"bits/byte {summary['bpb']:.4f}  params {summary['params']:,}  "
+        f"tokens/s {summary['tokens_per_s']:,.0f}  -> {out}"
+    )
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .train.compare import compare, print_table, table_rows
+    from .train.config import load_config, parse_set
+
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    overrides = parse_set(args.set)
+    for key in ("residual", "seed"):
+        if key in overrides:
+            raise ValueError(
+                f"compare sets {key!r} itself (all three arms; seeds 0..K-1 via --seeds); do not --set it"
+            )
+    preset = args.preset
+    cfg = load_config(preset, args.config, overrides)
+    out = Path(args.out) if args.out else Path("runs") / f"compare-{preset}"
+    seeds = list(range(args.seeds))
+    runs = compare(
+        cfg,
+        out,
+        seeds,
+        preset=preset,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=_progress(args),
+        argv=sys.argv[1:] if args.argv is None else args.argv,
+    )
+    print_table(table_rows(runs), f"attnres compare --preset {preset} (seeds {', '.join(map(str, seeds))})")
+    print(f"report: {out / 'report.md'}  summary: {out / 'summary.json'}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- eval / generate
+
+
+def _read_text(path: str) -> str:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"text file not found: {path}")
+    if not p.is_file():
+        raise ValueError(f"not a text file: {path}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not text.strip():
+        raise ValueError(f"text file is empty: {path}")
+    return text
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .data import encode_text
+    from .train.checkpoint import load_pretrained
+    from .train.evaluate import evaluate
+
+    text = _read_text(args.text)
+    model, tokenizer, train_cfg = load_pretrained(args.checkpoint)
+    seq_len = (
+        args.seq_len or (train_cfg or {}).get("seq_len") or min(256, model.config.max_position_embeddings)
+    )
+    tokens = encode_text(tokenizer, text)
+    if len(tokens) < seq_len:
+        raise ValueError(
+            f"text shorter than one sequence: {args.text} has {len(tokens)} tokens, seq_len is "
+            f"{seq_len} (use --seq-len)"
+        )
+    r = evaluate(
+        model,
+        tokens,
+        seq_len,
+        args.batch_size,
+        split_bytes=len(text.encode("utf-8")),
+        max_batches=args.max_batches,
+    )
+    result = {"loss": r["loss"], "ppl": r["ppl"], "bits_per_byte": r["bpb"], "tokens": r["tokens"]}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"loss {r['loss']:.4f}  perplexity {r['ppl']:.2f}  bits/byte {r['bpb']:.4f}  "
+            f"({r['tokens']:,} tokens predicted, windows of {seq_len})"
+        )
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data import encode_text
+    from .train.checkpoint import load_pretrained
+
+    if not args.prompt:
+        raise ValueError("--prompt is empty")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_k < 0:
+        raise ValueError(f"--top-k must be >= 0, got {args.top_k}")
+    model, tokenizer, _ = load_pretrained(args.checkpoint)
+    ids = torch.from_numpy(encode_text(tokenizer, args.prompt).astype("int64"))[None]
+    if ids.numel() == 0:
+        raise ValueError("--prompt encodes to no tokens")
+    torch.manual_seed(args.seed)
+    sample = args.temperature > 0
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=args.max_new_tokens,
+        do_sample=sample,
+        temperature=args.temperature if sample else None,
+        top_k=(args.top_k or None) if sample else None,
+        top_p=None,
+        pad_token_id=tokenizer.eos_token_id,
+        eos_token_id=None,
+    )
+    print(tokenizer.decode(out[0].tolist(), skip_special_tokens=False))
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="attnres", description="Attention Residuals: models, training, benchmarks.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="build the three reference models and print their depth-attention weights")
+    from .train.config import PRESETS, RESIDUALS
+
+    parser = _Parser(
+        prog="attnres", description="Attention Residuals: models, training, benchmarks.", epilog=EPILOG
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo = sub.add_parser(
+        "demo", help="build the three reference models and print their depth-attention weights"
+    )
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    demo.add_argument("--query-std", type=float, default=0.5,
-                      help="std of the random pseudo-queries shown (0 gives the zero-init uniform mean)")
+    demo.add_argument(
+        "--query-std",
+        type=float,
+        default=0.5,
+        help="std of the random pseudo-queries shown (0 gives the zero-init uniform mean)",
+    )
     demo.set_defaults(func=_demo)
+
+    def run_options(p, resume_help: str) -> None:
+        p.add_argument(
+            "--config",
+            metavar="FILE.yaml",
+            help="YAML mapping of config keys (may name a 'preset:'), applied over the preset",
+        )
+        p.add_argument(
+            "--set",
+            action="append",
+            metavar="KEY=VALUE",
+            default=[],
+            help="override one config key (repeatable; lists comma-separated, e.g. "
+            "sources=shakespeare,my.txt); unknown keys list the allowed ones",
+        )
+        p.add_argument("--resume", action="store_true", help=resume_help)
+        p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar or log lines")
+
+    presets = ", ".join(PRESETS)
+    cmp = sub.add_parser(
+        "compare",
+        epilog=EPILOG,
+        help="train standard, block and full residuals on equal terms and report (the main job)",
+        description="Train standard, Block AttnRes (N = attn_res_num_blocks, 8 by default) and Full AttnRes "
+        "with identical seeds, data order, tokens and hyperparameters; evaluate on the validation split; "
+        "print a table and write OUT/report.md, OUT/summary.json and PNG plots. Arm <residual> with seed s "
+        "trains into OUT/<residual>-s<s>/.",
+    )
+    cmp.add_argument(
+        "--preset",
+        default="default",
+        choices=list(PRESETS),
+        metavar="PRESET",
+        help=f"one of {presets} (default: default)",
+    )
+    cmp.add_argument(
+        "--seeds", type=int, default=1, metavar="K", help="train seeds 0..K-1, report mean ± std (default 1)"
+    )
+    cmp.add_argument("--out", help="output directory (default runs/compare-<preset>)")
+    run_options(cmp, "keep finished arms, resume interrupted ones from their checkpoints, start missing ones")
+    cmp.set_defaults(func=_compare, argv=None)
+
+    tr = sub.add_parser(
+        "train",
+        epilog=EPILOG,
+        help="train one model",
+        description="Train one model into OUT (metrics.jsonl, run.json, checkpoint/, result.json).",
+    )
+    tr.add_argument(
+        "--preset",
+        default=None,
+        choices=list(PRESETS),
+        metavar="PRESET",
+        help=f"one of {presets} (default: default; with --resume: the checkpoint's config)",
+    )
+    tr.add_argument(
+        "--residual", choices=list(RESIDUALS), help="residual scheme (default: the preset's, block)"
+    )
+    tr.add_argument("--out", help="output directory (default runs/train-<preset>-<residual>)")
+    tr.add_argument("--max-steps", type=int, help="optimizer steps")
+    tr.add_argument("--seed", type=int, help="seed of model init and data order")
+    tr.add_argument("--eval-every", type=int, help="evaluate every N steps (and at the end)")
+    tr.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (and at the end)")
+    run_options(tr, "continue the run in --out from its checkpoint, exactly")
+    tr.set_defaults(func=_train)
+
+    ev = sub.add_parser(
+        "eval",
+        help="loss, perplexity and bits per byte of a checkpoint on a text file",
+        description="Evaluate a checkpoint on a UTF-8 text file: contiguous windows of --seq-len "
+        "tokens; bits per byte = loss * tokens / (ln 2 * bytes).",
+    )
+    ev.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory or its checkpoint/")
+    ev.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text file")
+    ev.add_argument("--json", action="store_true", help="print JSON {loss, ppl, bits_per_byte, tokens}")
+    ev.add_argument("--seq-len", type=int, default=None, help="window length (default: the training seq_len)")
+    ev.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    ev.add_argument("--max-batches", type=int, default=None, help="evaluate at most N batches (default: all)")
+    ev.set_defaults(func=_eval)
+
+    gen = sub.add_parser(
+        "generate",
+        help="sample text from a checkpoint",
+        description="Sample a continuation of --prompt with model.generate (KV cache).",
+    )
+    gen.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory or its checkpoint/")
+    gen.add_argument("--prompt", required=True, help="text to continue")
+    gen.add_argument(
+        "--max-new-tokens", type=int, default=100, metavar="N", help="tokens to generate (default 100)"
+    )
+    gen.add_argument(
+        "--temperature",
+        type=float,
+        default=0.8,
+        metavar="T",
+        help="sampling temperature; 0 = greedy (default 0.8)",
+    )
+    gen.add_argument(
+        "--top-k",
+        type=int,
+        default=50,
+        metavar="K",
+        help="sample from the K most likely; 0 = all (default 50)",
+    )
+    gen.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed (default 0)")
+    gen.set_defaults(func=_generate)
     return parser
 
 
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) if str(e).strip() else ""
+    if isinstance(e, KeyError):  # KeyError quotes its message
+        text = text.strip("'\"")
+    return text or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .train.loop import NonFiniteLoss, TrainingInterrupted
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    if getattr(args, "argv", "missing") is None:
+        args.argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return args.func(args)
+    except TrainingInterrupted as e:
+        sys.stderr.write(f"attnres: {e}\n")
+        return 128 + e.signum
+    except NonFiniteLoss as e:
+        sys.stderr.write(f"attnres: error: {_one_line(e)}\n")
+        return EXIT_NONFINITE
+    except KeyboardInterrupt:
+        sys.stderr.write("attnres: interrupted\n")
+        return 130
+    except Exception as e:  # noqa: BLE001 - the CLI's contract: one line, never a traceback
+        if os.environ.get("ATTNRES_DEBUG"):
+            raise
+        user = isinstance(e, (ValueError, OSError, TypeError, KeyError, ImportError))
+        msg = (
+            _one_line(e)
+            if user
+            else f"{type(e).__name__}: {_one_line(e)} (ATTNRES_DEBUG=1 shows the traceback)"
+        )
+        sys.stderr.write(f"attnres: error: {msg}\n")
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

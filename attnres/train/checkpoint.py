@@ -1,0 +1,199 @@
+"""Checkpoints that are never half-written.
+
+``OUT/checkpoint/`` holds the model (``save_pretrained``, safetensors), the tokenizer
+(``save_pretrained``), ``train_config.json`` and ``trainer_state.pt`` (optimizer and scheduler
+states, torch/numpy/python RNG states, step, tokens seen, byte offset of ``metrics.jsonl``).
+
+A save writes ``checkpoint.tmp`` completely, renames the current ``checkpoint`` to
+``checkpoint.old``, renames ``checkpoint.tmp`` to ``checkpoint`` and only then deletes
+``checkpoint.old``. A crash at any point leaves a complete checkpoint under ``checkpoint`` or
+``checkpoint.old``; :func:`find_checkpoint` recovers the latter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CHECKPOINT = "checkpoint"
+STATE_FILE = "trainer_state.pt"
+CONFIG_FILE = "train_config.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt, or not ours."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file and rename."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def quiet_hf():
+    """No transformers progress bars ("Writing model shards", "Loading weights") while inside."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def _commit(out: Path, tmp: Path) -> None:
+    """checkpoint.tmp -> checkpoint, keeping the previous one as checkpoint.old until done."""
+    final, old = out / CHECKPOINT, out / (CHECKPOINT + ".old")
+    if final.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(out)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def save_checkpoint(
+    out_dir: str | Path, model, tokenizer, state: dict[str, Any], train_config: dict[str, Any]
+) -> Path:
+    """Atomically write ``OUT/checkpoint`` (see the module docstring); returns its path."""
+    out = Path(out_dir)
+    tmp = out / (CHECKPOINT + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    with quiet_hf():
+        model.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    (tmp / CONFIG_FILE).write_text(json.dumps(train_config, indent=2) + "\n")
+    with open(tmp / STATE_FILE, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    _commit(out, tmp)
+    return out / CHECKPOINT
+
+
+def find_checkpoint(out_dir: str | Path) -> Path | None:
+    """``OUT/checkpoint`` if there is one; recovers ``checkpoint.old`` left by a crash mid-save."""
+    out = Path(out_dir)
+    final, old, tmp = out / CHECKPOINT, out / (CHECKPOINT + ".old"), out / (CHECKPOINT + ".tmp")
+    if not final.exists() and old.exists() and (old / STATE_FILE).exists():
+        os.replace(old, final)
+    if final.exists() and (final / STATE_FILE).exists():
+        for leftover in (old, tmp):
+            if leftover.exists():
+                shutil.rmtree(leftover)
+        return final
+    return None
+
+
+def load_trainer_state(ckpt: Path) -> dict[str, Any]:
+    try:
+        # our own file: it holds numpy/python RNG states, which weights_only=True refuses
+        return torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
+        raise CheckpointError(f"cannot read {ckpt / STATE_FILE}: {e}") from None
+
+
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """Accept a run directory (``OUT``) or the checkpoint directory itself."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint must be a directory, got file {path}")
+    if not (path / "config.json").exists():
+        found = find_checkpoint(path)
+        if found is not None:
+            return found
+        raise CheckpointError(f"{path} is not an attnres checkpoint (no config.json)")
+    return path
+
+
+def load_pretrained(path: str | Path):
+    """(model, tokenizer, train_config dict or None) from a checkpoint or run directory, validated."""
+    from transformers import PreTrainedTokenizerFast
+
+    from ..models import AttnResForCausalLM
+
+    ckpt = resolve_checkpoint_dir(path)
+    try:
+        config = json.loads((ckpt / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{ckpt / 'config.json'} is not valid JSON: {e}") from None
+    if not isinstance(config, dict) or config.get("model_type") != "attnres":
+        mt = config.get("model_type") if isinstance(config, dict) else None
+        raise CheckpointError(f"{ckpt} holds a {mt!r} model, not an attnres model (model_type 'attnres')")
+    if not any((ckpt / f).exists() for f in ("model.safetensors", "model.safetensors.index.json")):
+        raise CheckpointError(f"{ckpt} has no model.safetensors")
+    try:
+        with quiet_hf():
+            model = AttnResForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    except Exception as e:  # noqa: BLE001 - corrupt weights surface as many exception types
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot load the model in {ckpt}: {msg}") from None
+    if not (ckpt / "tokenizer.json").exists():
+        raise CheckpointError(f"{ckpt} has no tokenizer.json")
+    try:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(ckpt)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"cannot load the tokenizer in {ckpt}: {str(e).splitlines()[0]}") from None
+    if len(tokenizer) > model.config.vocab_size:
+        raise CheckpointError(
+            f"tokenizer/model vocab mismatch in {ckpt}: the tokenizer has {len(tokenizer)} tokens, "
+            f"the model's vocab_size is {model.config.vocab_size}"
+        )
+    train_config = None
+    if (ckpt / CONFIG_FILE).exists():
+        try:
+            train_config = json.loads((ckpt / CONFIG_FILE).read_text())
+        except ValueError as e:
+            raise CheckpointError(f"{ckpt / CONFIG_FILE} is not valid JSON: {e}") from None
+    return model.eval(), tokenizer, train_config

@@ -1,0 +1,363 @@
+"""TrainConfig: everything one training run depends on, presets, YAML files and ``key=value`` overrides.
+
+Precedence (later wins): the dataclass defaults < the preset < a YAML file < ``--set key=value``
+< the CLI's dedicated flags (``--residual``, ``--max-steps``, ...).
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+RESIDUALS = ("standard", "block", "full")
+OPTIMIZERS = ("adamw", "muon")
+SCHEDULES = ("cosine", "wsd")
+TOKENIZERS = ("bpe", "byte")
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error (bad key, value or file)."""
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Units: ``*_steps`` count optimizer steps; ``batch_size`` and ``seq_len`` are
+    per micro-batch, so a step sees ``batch_size * seq_len * grad_accum`` tokens."""
+
+    # --- model (AttnResConfig keys; the model's vocab_size is the tokenizer's length)
+    residual: str = "block"
+    hidden_size: int = 256
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 4
+    intermediate_size: int = 704
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    attn_res_block_size: int | None = None  # sublayers per block (S); None: from attn_res_num_blocks
+    attn_res_num_blocks: int = 8  # the paper's N
+    attn_res_final_aggregation: bool = True
+    # --- data (attnres.data.prepare_data)
+    sources: list[str] = field(default_factory=lambda: ["shakespeare"])
+    tokenizer: str = "bpe"
+    vocab_size: int = 8192  # BPE target vocabulary; ignored by the byte tokenizer
+    data_dir: str = "data"
+    val_fraction: float = 0.05
+    split_seed: int = 0
+    # --- optimization
+    optimizer: str = "adamw"  # "muon": torch.optim.Muon on 2-D hidden weights, AdamW on the rest
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    muon_momentum: float = 0.95
+    warmup_steps: int = 40
+    schedule: str = "cosine"
+    decay_fraction: float = 0.2  # wsd: linear decay over the last fraction of max_steps
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    grad_accum: int = 1
+    batch_size: int = 8
+    seq_len: int = 256
+    max_steps: int = 300
+    # --- bookkeeping
+    eval_every: int = 50
+    eval_batches: int = 16  # validation batches per evaluation (None/0: the whole split)
+    checkpoint_every: int = 100
+    seed: int = 0  # model init and data order
+    bf16: bool = False  # torch.autocast("cpu"/"cuda", bfloat16) around forward; params stay fp32
+    probes: bool = True  # record attnres.analysis.collect_probes at every evaluation
+    probe_batch_size: int = 4
+    device: str = "cpu"
+    num_threads: int | None = None  # torch.set_num_threads for this run; None: torch's default
+
+    def validate(self) -> TrainConfig:
+        def positive(name: str, allow_zero: bool = False) -> None:
+            v = getattr(self, name)
+            if v < 0 or (v == 0 and not allow_zero):
+                raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {v!r}")
+
+        for name, allowed in (
+            ("residual", RESIDUALS),
+            ("optimizer", OPTIMIZERS),
+            ("schedule", SCHEDULES),
+            ("tokenizer", TOKENIZERS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        for name in (
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "intermediate_size",
+            "attn_res_num_blocks",
+            "vocab_size",
+            "grad_accum",
+            "batch_size",
+            "seq_len",
+            "max_steps",
+            "eval_every",
+            "checkpoint_every",
+            "lr",
+            "probe_batch_size",
+        ):
+            positive(name)
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "eps", "split_seed"):
+            positive(name, allow_zero=True)
+        if self.eval_batches is not None:
+            positive("eval_batches", allow_zero=True)
+        if self.attn_res_block_size is not None:
+            positive("attn_res_block_size")
+        if self.num_threads is not None:
+            positive("num_threads")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        if not 0 < self.decay_fraction <= 1:
+            raise ConfigError(f"decay_fraction must be in (0, 1], got {self.decay_fraction!r}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        if not self.sources:
+            raise ConfigError("sources is empty: give at least one corpus name or text file")
+        if self.warmup_steps > self.max_steps:
+            raise ConfigError(f"warmup_steps ({self.warmup_steps}) must be <= max_steps ({self.max_steps})")
+        self.model_config()  # AttnResConfig checks the architecture (head divisibility, ...)
+        return self
+
+    def model_config(self, vocab_size: int | None = None):
+        """The :class:`AttnResConfig` of this run (``vocab_size``: the tokenizer's length)."""
+        from ..models import AttnResConfig
+
+        try:
+            return AttnResConfig(
+                residual=self.residual,
+                vocab_size=vocab_size or self.vocab_size,
+                hidden_size=self.hidden_size,
+                num_hidden_layers=self.num_hidden_layers,
+                num_attention_heads=self.num_attention_heads,
+                num_key_value_heads=self.num_key_value_heads,
+                intermediate_size=self.intermediate_size,
+                rms_norm_eps=self.rms_norm_eps,
+                max_position_embeddings=max(2048, self.seq_len),
+                tie_word_embeddings=self.tie_word_embeddings,
+                attn_res_block_size=self.attn_res_block_size if self.residual == "block" else None,
+                attn_res_num_blocks=self.attn_res_num_blocks,
+                attn_res_final_aggregation=self.attn_res_final_aggregation,
+                use_cache=True,
+            )
+        except ValueError as e:
+            raise ConfigError(f"invalid model config: {e}") from None
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len * self.grad_accum
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+
+# Presets only list what differs from the TrainConfig defaults (the reference "default").
+PRESETS: dict[str, dict[str, Any]] = {
+    # tiny and fast: the 3-arm compare runs in well under 2 minutes on a 2-core CPU
+    "smoke": dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=176,
+        attn_res_num_blocks=2,
+        tokenizer="byte",
+        batch_size=8,
+        seq_len=64,
+        max_steps=60,
+        warmup_steps=6,
+        eval_every=20,
+        eval_batches=4,
+        checkpoint_every=30,
+    ),
+    # the reference config (PAPER §11 prototype): d=256 x 8 layers, N=8, bpe 8192, batch 8 x 256,
+    # AdamW 1e-3 warmup + cosine; max_steps chosen so one arm takes ~4-5 min on a 2-core CPU
+    "default": dict(),
+    # more tokens: 1500 steps x 2048 tokens = 3.1M tokens
+    "long": dict(max_steps=1500, warmup_steps=75, eval_every=100, eval_batches=32, checkpoint_every=250),
+}
+
+
+def allowed_keys() -> list[str]:
+    return [f.name for f in fields(TrainConfig)]
+
+
+def _unknown(keys, where: str) -> None:
+    bad = sorted(set(keys) - set(allowed_keys()))
+    if bad:
+        raise ConfigError(
+            f"unknown config key{'s' if len(bad) > 1 else ''} {', '.join(map(repr, bad))} in {where}; "
+            f"allowed: {', '.join(allowed_keys())}"
+        )
+
+
+_TYPES = typing.get_type_hints(TrainConfig)
+
+
+def _strip_optional(tp) -> tuple[Any, bool]:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return tp, False
+
+
+def _parse_bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise ConfigError(f"{key} must be a boolean (true/false), got {value!r}")
+
+
+def _scalar(key: str, tp, value: Any):
+    if tp is bool:
+        return _parse_bool(key, value)
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value.strip().replace("_", ""))
+            except ValueError:
+                pass
+            else:
+                if f.is_integer():
+                    return int(f)
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    raise TypeError(f"unsupported config type {tp} for {key}")
+
+
+def coerce(key: str, value: Any) -> Any:
+    """Convert ``value`` (a YAML value or a ``--set`` string) to the type of field ``key``."""
+    _unknown([key], "the config")
+    tp, optional = _strip_optional(_TYPES[key])
+    if value is None or (
+        optional and isinstance(value, str) and value.strip().lower() in ("none", "null", "")
+    ):
+        if optional:
+            return None
+        raise ConfigError(f"{key} cannot be empty/None")
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        (item_tp, *rest) = typing.get_args(tp)
+        items = [s.strip() for s in value.split(",") if s.strip()] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"{key} must be a list (comma-separated on the command line), got {value!r}")
+        out = [_scalar(key, item_tp, v) for v in items]
+        if origin is tuple:
+            if len(out) != len(typing.get_args(tp)):
+                raise ConfigError(f"{key} needs {len(typing.get_args(tp))} values, got {value!r}")
+            return tuple(out)
+        return out
+    return _scalar(key, tp, value)
+
+
+def parse_set(items: list[str] | None) -> dict[str, Any]:
+    """``["lr=3e-4", "residual=full"]`` -> typed overrides."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        out[key] = coerce(key, value)
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of key: value, got {type(data).__name__}")
+    return data
+
+
+def load_config(
+    preset: str | None = "default",
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> TrainConfig:
+    """Build a validated :class:`TrainConfig`: preset, then YAML file, then ``overrides``.
+
+    A YAML file may name its own ``preset:``, used when ``preset`` is None.
+    """
+    file_values: dict[str, Any] = {}
+    if config_file is not None:
+        file_values = read_yaml(config_file)
+        file_preset = file_values.pop("preset", None)
+        preset = preset or file_preset
+        _unknown(file_values, str(config_file))
+        file_values = {k: coerce(k, v) for k, v in file_values.items()}
+    preset = preset or "default"
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
+    overrides = dict(overrides or {})
+    _unknown(overrides, "the overrides")
+    cfg = replace(TrainConfig(), **{**PRESETS[preset], **file_values})
+    cfg = replace(cfg, **{k: coerce(k, v) for k, v in overrides.items()})
+    return cfg.validate()
+
+
+def config_from_dict(d: dict[str, Any]) -> TrainConfig:
+    """Rebuild a saved config (``TrainConfig.to_dict``); unknown keys are an error."""
+    _unknown(d, "the saved config")
+    return replace(TrainConfig(), **{k: coerce(k, v) for k, v in d.items()})
+
+
+def config_diff(a: TrainConfig, b: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    da, db = a.to_dict(), b.to_dict()
+    return {k: (da[k], db[k]) for k in da if da[k] != db[k]}
+
+
+__all__ = [
+    "PRESETS",
+    "ConfigError",
+    "TrainConfig",
+    "allowed_keys",
+    "coerce",
+    "config_diff",
+    "config_from_dict",
+    "load_config",
+    "parse_set",
+    "read_yaml",
+]
