@@ -1,0 +1,117 @@
+"""Bytes saved for backward by one training forward: distinct storages, via saved_tensors_hooks."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from .common import RESIDUALS, build_model, md_table, model_kwargs
+
+
+def saved_storages(fn) -> dict[int, int]:
+    """data_ptr -> nbytes of every distinct storage autograd saves while ``fn()`` runs (the graph is freed)."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        try:
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+        except (RuntimeError, NotImplementedError):  # e.g. tensors without storage
+            pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return seen
+
+
+def _measure(model, ids, scope: str) -> dict:
+    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    if scope == "model+loss":
+        seen = saved_storages(lambda: model(input_ids=ids, labels=ids, use_cache=False).loss)
+    else:  # the decoder stack only: embedding, layers, residual reads, final norm (no LM head, no loss)
+        seen = saved_storages(lambda: model.model(input_ids=ids, use_cache=False).last_hidden_state)
+    total = sum(seen.values())
+    params = sum(n for ptr, n in seen.items() if ptr in param_ptrs)
+    return {
+        "scope": scope,
+        "saved_bytes_total": total,
+        "saved_bytes_params": params,
+        "saved_bytes_activations": total - params,
+        "distinct_storages": len(seen),
+    }
+
+
+def run(args, device: torch.device) -> dict:
+    batch, seq = (2, 128) if args.quick else (args.batch, args.seq)
+    ids = torch.randint(
+        0, model_kwargs(args.quick)["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(args.seed)
+    ).to(device)
+    rows = []
+    for res in RESIDUALS:
+        model = build_model(res, args.seed, device, args.quick).train()
+        param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        for scope in ("model+loss", "decoder"):
+            rows.append({"residual": res, "param_bytes": param_bytes} | _measure(model, ids, scope))
+    for r in rows:
+        base = next(b for b in rows if b["residual"] == "standard" and b["scope"] == r["scope"])
+        r["total_vs_standard"] = r["saved_bytes_total"] / base["saved_bytes_total"]
+        r["activations_vs_standard"] = r["saved_bytes_activations"] / base["saved_bytes_activations"]
+    return {
+        "model": model_kwargs(args.quick),
+        "batch": batch,
+        "seq": seq,
+        "device": str(device),
+        "rows": rows,
+        "headline": {
+            f"{r['residual']}/{r['scope']}": r["activations_vs_standard"] for r in rows if r["residual"] != "standard"
+        },
+    }
+
+
+def to_markdown(res: dict) -> str:
+    mib = 2**20
+    rows = [
+        (
+            r["residual"],
+            r["scope"],
+            r["saved_bytes_total"] / mib,
+            r["saved_bytes_params"] / mib,
+            r["saved_bytes_activations"] / mib,
+            r["activations_vs_standard"],
+            r["total_vs_standard"],
+            r["distinct_storages"],
+            r["param_bytes"] / mib,
+        )
+        for r in res["rows"]
+    ]
+    head = (
+        f"One training forward, batch {res['batch']} x {res['seq']}, device {res['device']}: bytes of the "
+        "distinct storages that autograd saves (saved_tensors_hooks, deduplicated by storage pointer). "
+        "'params' = saved storages that are parameters; 'activations' = the rest. Scope 'decoder' = "
+        "model.model only (no LM head / loss, whose fp32 logits dominate 'model+loss')."
+    )
+    return (
+        head
+        + "\n\n"
+        + md_table(
+            [
+                "residual",
+                "scope",
+                "saved MiB",
+                "of which params MiB",
+                "activations MiB",
+                "activations ÷ standard",
+                "total ÷ standard",
+                "storages",
+                "all params MiB",
+            ],
+            rows,
+        )
+    )
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    pass  # shares --batch/--seq with step
