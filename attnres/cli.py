@@ -277,7 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--seeds", type=int, default=1, metavar="K", help="train seeds 0..K-1, report mean ± std (default 1)"
     )
     cmp.add_argument("--out", help="output directory (default runs/compare-<preset>)")
-    run_options(cmp, "keep finished arms, resume interrupted ones from their checkpoints, start missing ones")
+    run_options(
+        cmp,
+        "continue every arm that has a checkpoint (finished ones stay as they are unless --set "
+        "max_steps grew), start missing ones",
+    )
     cmp.set_defaults(func=_compare, argv=None)
 
     tr = sub.add_parser(

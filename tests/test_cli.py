@@ -201,6 +201,25 @@ def test_compare_with_two_seeds_reports_mean_and_std(tmp_path, tiny_yaml, capsys
         (r, s) for r in ("standard", "block", "full") for s in (0, 1)
     )
     assert "±" in (out / "report.md").read_text()
+    # --resume with a larger budget trains every arm on from its checkpoint
+    argv = [
+        "compare",
+        "--config",
+        tiny_yaml,
+        "--preset",
+        "smoke",
+        "--seeds",
+        2,
+        "--out",
+        out,
+        "--no-progress",
+    ]
+    rc, _, err = run([*argv, "--resume", "--set", "max_steps=3", "--set", "eval_every=2"], capsys)
+    assert rc == 0, err
+    assert [r["steps"] for r in json.loads((out / "summary.json").read_text())] == [3] * 6
+    # ... and refuses a changed model
+    rc, _, err = run([*argv, "--resume", "--set", "max_steps=3", "--set", "hidden_size=64"], capsys)
+    assert_one_line_error(rc, err, "cannot resume with a different config: hidden_size")
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -235,8 +235,9 @@ def compare(
 ) -> list[dict[str, Any]]:
     """Train every arm for every seed into ``out_dir``; write summary.json, report.md and plots.
 
-    ``resume``: finished arms (``result.json`` present) are kept, interrupted ones resumed from their
-    checkpoint, missing ones started. Without ``resume`` or ``overwrite``, an ``out_dir`` that already
+    ``resume``: arms with a checkpoint continue from it (finished ones are kept as they are unless
+    ``max_steps`` grew), missing ones start. The config must match the checkpoints' except for the
+    keys in ``loop.RESUMABLE_KEYS``. Without ``resume`` or ``overwrite``, an ``out_dir`` that already
     holds runs is refused.
     """
     out = Path(out_dir)
@@ -259,20 +260,18 @@ def compare(
     for seed, residual in arms:
         arm = replace(cfg, residual=residual, seed=seed)
         d = dirs[(seed, residual)]
-        result = d / "result.json"
-        if resume and result.exists():
-            summary = json.loads(result.read_text())
-        else:
-            again = resume and d.exists() and find_checkpoint(d) is not None
-            summary = train(
-                arm,
-                d,
-                resume=again,
-                progress=progress,
-                overwrite=not again,
-                data=data,
-                label=f"{residual}-s{seed}",
-            )
+        # resume: every arm with a checkpoint continues from it (a finished one only re-reads its
+        # metrics, or trains on when max_steps grew; a changed model/data/optimizer config is refused)
+        again = resume and d.exists() and find_checkpoint(d) is not None
+        summary = train(
+            arm,
+            d,
+            resume=again,
+            progress=progress,
+            overwrite=not again,
+            data=data,
+            label=f"{residual}-s{seed}",
+        )
         summary["num_blocks"] = cfg.attn_res_num_blocks
         runs.append(summary)
     atomic_write_text(out / "summary.json", json.dumps(runs, indent=2) + "\n")

@@ -53,7 +53,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     muon_momentum: float = 0.95
-    warmup_steps: int = 40
+    warmup_steps: int = 15
     schedule: str = "cosine"
     decay_fraction: float = 0.2  # wsd: linear decay over the last fraction of max_steps
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
@@ -61,11 +61,11 @@ class TrainConfig:
     grad_accum: int = 1
     batch_size: int = 8
     seq_len: int = 256
-    max_steps: int = 300
+    max_steps: int = 150
     # --- bookkeeping
     eval_every: int = 50
     eval_batches: int = 16  # validation batches per evaluation (None/0: the whole split)
-    checkpoint_every: int = 100
+    checkpoint_every: int = 50
     seed: int = 0  # model init and data order
     bf16: bool = False  # torch.autocast("cpu"/"cuda", bfloat16) around forward; params stay fp32
     probes: bool = True  # record attnres.analysis.collect_probes at every evaluation
@@ -164,8 +164,11 @@ class TrainConfig:
 
 # Presets only list what differs from the TrainConfig defaults (the reference "default").
 PRESETS: dict[str, dict[str, Any]] = {
-    # tiny and fast: the 3-arm compare runs in well under 2 minutes on a 2-core CPU
+    # tiny and fast: the 3-arm compare runs in well under 2 minutes on a 2-core CPU. One thread:
+    # a model this small gains nothing from two, and on a shared, loaded machine two OpenMP threads
+    # ran the smoke arm 6x slower (45.7 s vs 7.8 s wall, load average 5 on 2 cores)
     "smoke": dict(
+        num_threads=1,
         hidden_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
@@ -182,10 +185,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         checkpoint_every=30,
     ),
     # the reference config (PAPER §11 prototype): d=256 x 8 layers, N=8, bpe 8192, batch 8 x 256,
-    # AdamW 1e-3 warmup + cosine; max_steps chosen so one arm takes ~4-5 min on a 2-core CPU
-    "default": dict(),
-    # more tokens: 1500 steps x 2048 tokens = 3.1M tokens
-    "long": dict(max_steps=1500, warmup_steps=75, eval_every=100, eval_batches=32, checkpoint_every=250),
+    # AdamW 1e-3 warmup + cosine. Measured on the project's shared 2-core CPU (1 thread, load ~3):
+    # 1.42 / 1.53 / 1.68 s per step for standard / block / full, 16 eval batches ~9 s; so 150 steps
+    # (0.31M tokens) and 3 evaluations take ~4.3 min per arm, ~13 min for the 3-arm compare. One
+    # thread, because two OpenMP threads on a core another process is using ran 8-19 s per step
+    # (0.9 s when both cores were free): on an idle machine `--set num_threads=2 --set max_steps=280`
+    # gives about the same wall time with nearly twice the tokens.
+    "default": dict(num_threads=1),
+    # more tokens: 1500 steps x 2048 tokens = 3.1M tokens (~40 min per arm at 1 thread)
+    "long": dict(
+        num_threads=1, max_steps=1500, warmup_steps=75, eval_every=100, eval_batches=32, checkpoint_every=250
+    ),
 }
 
 

@@ -332,7 +332,25 @@ def train(
 
     ``cfg=None`` with ``resume=True`` continues with the checkpoint's own config. ``data``: an
     already prepared :class:`attnres.data.TokenData` (``compare`` prepares once for all arms).
+    ``cfg.num_threads`` applies for the run only; the caller's torch thread count is restored.
     """
+    threads = torch.get_num_threads()
+    try:
+        return _train(cfg, out_dir, resume, progress, overwrite=overwrite, data=data, label=label)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(
+    cfg: TrainConfig | None,
+    out_dir: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    *,
+    overwrite: bool = False,
+    data=None,
+    label: str | None = None,
+) -> dict[str, Any]:
     from ..data import Batches
     from ..models import AttnResForCausalLM
 

@@ -288,3 +288,10 @@ def test_muon_and_wsd_train(tmp_path, tiny_cfg):
     summary = train(tiny_cfg(optimizer="muon", schedule="wsd", max_steps=4), tmp_path / "run", progress=False)
     lrs = [r["lr"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "lr" in r]
     assert len(lrs) == 4 and summary["train_loss"] < 6
+
+
+def test_num_threads_applies_to_the_run_only(tmp_path, tiny_cfg):
+    before = torch.get_num_threads()
+    train(tiny_cfg(num_threads=1, max_steps=2, eval_every=2), tmp_path / "run", progress=False)
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["versions"]["torch_threads"] == 1
+    assert torch.get_num_threads() == before
