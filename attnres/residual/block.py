@@ -10,7 +10,8 @@ representation.
 Reads use the two-phase schedule (PAPER Alg. 1, ``attnres.ops.two_phase``): when a block opens,
 phase 1 computes the inter-block terms of all its reads at once, against the completed blocks
 whose key statistics are computed once each; every read then merges its partial sum. Small
-inputs (decode steps) and recording use the single joint read, which is the same function.
+inputs use the single joint read, which is the same function, and without autograd (decode steps)
+the bank stream of ``bank.py``; recording uses the joint read.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import Tensor
 
 from ..ops import key_rstd, merged_read, phase1
 from ..ops._checks import compute_dtype, source_dtype
+from .bank import BankStream, use_bank
 from .base import AttnResScheme, Norm, ResidualStream
 
 # below this many tokens per forward a read is too small for phase 1 to pay for its extra ops
@@ -80,7 +82,9 @@ class BlockAttnRes(AttnResScheme):
         """Blocks after the embedding (the paper's N), counting a shorter tail block."""
         return -(-self.num_sublayers // self.block_size)
 
-    def start(self, embedding: Tensor) -> BlockStream:
+    def start(self, embedding: Tensor) -> ResidualStream:
+        if use_bank(self, embedding):
+            return BankStream(self, embedding, self.block_size)
         return BlockStream(self, embedding)
 
     def extra_repr(self) -> str:

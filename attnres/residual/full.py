@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from .bank import BankStream, use_bank
 from .base import AttnResScheme, Norm, ResidualStream
 
 
@@ -25,5 +26,7 @@ class FullStream(ResidualStream):
 class FullAttnRes(AttnResScheme):
     name = "full"
 
-    def start(self, embedding: Tensor) -> FullStream:
+    def start(self, embedding: Tensor) -> ResidualStream:
+        if use_bank(self, embedding):
+            return BankStream(self, embedding, block_size=1)
         return FullStream(self, embedding)
