@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from . import cpu_kernel
 from ._checks import check_read_inputs, compute_dtype, source_dtype
 
 
@@ -80,11 +81,11 @@ def _read_backward(ctx, dy: Tensor | None, dp_out: Tensor | None):
             hn = _mix(sources, p, ct).mul_(rh[:, None])  # h * r_h, recomputed
             dyw = dh * w
             dw = (dh * hn).sum(0) if needs[1] else None
-            coef = torch.bmm(hn.unsqueeze(1), dyw.unsqueeze(2)).view(-1).div_(d)
+            coef = torch.linalg.vecdot(hn, dyw).div_(d)
             dh = dyw.sub_(hn.mul_(coef[:, None])).mul_(rh[:, None])
     dp = torch.empty_like(p)
     for i, v in enumerate(sources):
-        torch.bmm(_flat(v, ct).unsqueeze(1), dh.unsqueeze(2), out=dp[i].view(-1, 1, 1))
+        torch.linalg.vecdot(_flat(v, ct), dh, out=dp[i])
     if dp_out is not None:
         dp += dp_out.reshape(len(sources), -1).to(ct)
     ds = p * (dp - (p * dp).sum(0, keepdim=True))
@@ -152,5 +153,17 @@ def attn_res(
     if scale != 1.0:
         qp = qp * scale
     w = None if output_rms_weight is None else output_rms_weight.to(ct)
-    o, p = _AttnResRead.apply(qp, w, float(rms_eps), *sources)
+    o, p = read(qp, w, float(rms_eps), sources)
     return (o, p) if return_weights else o
+
+
+def read(qp: Tensor, w: Tensor | None, eps: float, sources: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """The read with folded query ``qp`` (compute dtype), unchecked: the fused kernel where it applies."""
+    if qp.is_cuda and not torch.compiler.is_compiling():
+        from .triton_read import TRITON_AVAILABLE, triton_read
+
+        if TRITON_AVAILABLE:
+            return triton_read(qp, w, eps, sources)
+    if cpu_kernel.usable(qp, sources):
+        return cpu_kernel.CpuRead.apply(qp.contiguous(), None if w is None else w.contiguous(), eps, *sources)
+    return _AttnResRead.apply(qp, w, eps, *sources)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import cpu_kernel
 from ._checks import compute_dtype, source_dtype
 from .attn_res import _finish_forward, _flat, _read_backward
 
@@ -77,11 +78,15 @@ class _MergedRead(torch.autograd.Function):
             h.addcmul_(vp, (b / z)[:, None])
             s, r = torch.cat([inter.s, s_p[None]]), torch.cat([inter.r, r_p[None]])
         p = torch.exp(s - big).div_(z)
+        ctx.fused_backward = cpu_kernel.usable(qp, sources)
         return _finish_forward(ctx, qp, w, eps, s, r, p, h, sources, 4)
 
     @staticmethod
     def backward(ctx, dy: Tensor | None, dp_out: Tensor | None):
-        dqp, dw, grads = _read_backward(ctx, dy, dp_out)
+        if ctx.fused_backward:
+            dqp, dw, grads = cpu_kernel.backward(ctx, dy, dp_out, first_source=4)
+        else:
+            dqp, dw, grads = _read_backward(ctx, dy, dp_out)
         return dqp, dw, None, None, *grads
 
 

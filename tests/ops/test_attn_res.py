@@ -7,6 +7,8 @@ from hypothesis import strategies as st
 
 from attnres import attn_res, naive_attn_res
 
+pytestmark = pytest.mark.usefixtures("cpu_read_impl")  # fused CPU kernel and PyTorch path
+
 OPS = [attn_res, naive_attn_res]
 F64 = torch.float64
 

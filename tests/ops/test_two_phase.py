@@ -7,6 +7,8 @@ import attnres.residual.block as block_mod
 from attnres import AttnResConfig, AttnResForCausalLM, naive_attn_res
 from attnres.ops import two_phase_attn_res
 
+pytestmark = pytest.mark.usefixtures("cpu_read_impl")  # fused CPU kernel and PyTorch path
+
 F64 = torch.float64
 
 

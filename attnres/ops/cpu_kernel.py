@@ -1,0 +1,94 @@
+"""The fused CPU read (``csrc/read_cpu.cpp``): one pass over the sources per token, forward and backward.
+
+Built with ``torch.utils.cpp_extension.load`` on first use (about a minute, once; cached under
+``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). ``ATTNRES_CPU_KERNEL=0`` turns it
+off; if the build fails the read warns once and uses the PyTorch implementation, which computes the
+same function. Used for contiguous CPU fp32/fp64 sources of one dtype, outside ``torch.compile``
+(where inductor fuses the PyTorch implementation itself).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+_SOURCE = Path(__file__).with_name("csrc") / "read_cpu.cpp"
+_lock = threading.Lock()
+_ext = None
+_failed: str | None = None
+
+
+def enabled() -> bool:
+    return os.environ.get("ATTNRES_CPU_KERNEL", "1") != "0"
+
+
+def load():
+    """The compiled extension, building it on first call; None if disabled or the build failed."""
+    global _ext, _failed
+    if _ext is not None or _failed is not None or not enabled():
+        return _ext
+    with _lock:
+        if _ext is None and _failed is None:
+            from torch.utils import cpp_extension
+
+            print("[attnres] loading the fused CPU read (built once, ~1 min the first time)", file=sys.stderr)
+            try:
+                _ext = cpp_extension.load(
+                    name="attnres_read_cpu", sources=[str(_SOURCE)],
+                    extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=False,
+                )
+            except Exception as e:  # no compiler, no headers, ...: the PyTorch path still works
+                _failed = f"{type(e).__name__}: {e}"
+                warnings.warn(f"attnres: the fused CPU read did not build, using PyTorch ops ({_failed[:300]})",
+                              stacklevel=2)
+    return _ext
+
+
+def unavailable_reason() -> str | None:
+    if not enabled():
+        return "ATTNRES_CPU_KERNEL=0"
+    return _failed
+
+
+def usable(qp: Tensor, sources: Sequence[Tensor]) -> bool:
+    """Whether the fused kernel takes this read (CPU, one fp32/fp64 dtype, contiguous, eager)."""
+    if torch.compiler.is_compiling() or qp.device.type != "cpu" or _failed is not None or not enabled():
+        return False
+    dt = qp.dtype
+    if dt not in (torch.float32, torch.float64):
+        return False
+    return all(v.dtype == dt and v.device.type == "cpu" and v.is_contiguous() for v in sources) and load() is not None
+
+
+class CpuRead(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qp: Tensor, w: Tensor | None, eps: float, *sources: Tensor):
+        o, s, r, p, rh = _ext.read_forward(qp, w, eps, list(sources))
+        ctx.save_for_backward(qp, w, s, r, p, rh, *sources)
+        return o, p.view(len(sources), *sources[0].shape[:-1])
+
+    @staticmethod
+    def backward(ctx, dy: Tensor | None, dp_out: Tensor | None):
+        dqp, dw, grads = backward(ctx, dy, dp_out, first_source=3)
+        return dqp, dw, None, *grads
+
+
+def backward(ctx, dy: Tensor | None, dp_out: Tensor | None, first_source: int):
+    """(dqp, dw, source grads) from statistics saved as (qp, w, s, r, p, rh, *sources)."""
+    qp, w, s, r, p, rh, *sources = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    dy = torch.zeros_like(sources[0]) if dy is None else dy.contiguous()
+    dp_out = None if dp_out is None else dp_out.contiguous()
+    dq, dw, *grads = _ext.read_backward(
+        qp, w, s, r, p, rh if rh is not None else s.new_empty(0), dy, dp_out, list(sources),
+        needs[0], needs[1], [bool(needs[first_source + i]) for i in range(len(sources))],
+    )
+    return (dq if needs[0] else None, dw if needs[1] and w is not None else None,
+            [g if needs[first_source + i] else None for i, g in enumerate(grads)])

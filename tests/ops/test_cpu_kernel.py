@@ -1,0 +1,63 @@
+"""The fused CPU read (csrc/read_cpu.cpp) against the reference, and when the op dispatches to it."""
+
+import pytest
+import torch
+
+from attnres import attn_res, naive_attn_res
+from attnres.ops import cpu_kernel
+from attnres.ops.attn_res import _AttnResRead
+
+F64 = torch.float64
+
+pytestmark = pytest.mark.skipif(cpu_kernel.load() is None, reason="the fused CPU read is unavailable")
+
+
+@pytest.mark.parametrize("d", [1, 7, 15, 16, 17, 31, 32, 33, 100])  # the vector blocks (8 doubles) and tails
+@pytest.mark.parametrize("n", [1, 3, 9])
+@pytest.mark.parametrize("output_norm", [False, True])
+def test_fused_read_equals_reference_forward_and_gradients_float64(d, n, output_norm):
+    gen = torch.Generator().manual_seed(d * 100 + n)
+    src = [torch.randn(2, 19, d, dtype=F64, generator=gen, requires_grad=i != 1) for i in range(n)]
+    q = torch.randn(d, dtype=F64, generator=gen, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(d, dtype=F64, generator=gen)).requires_grad_(output_norm)
+    wo = w if output_norm else None
+    dy = torch.randn(2, 19, d, dtype=F64, generator=gen)
+    dpo = torch.randn(n, 2, 19, dtype=F64, generator=gen)
+    results = []
+    for fn in (cpu_kernel.CpuRead.apply, _AttnResRead.apply, None):
+        if fn is None:
+            o, p = naive_attn_res(q, src, output_rms_weight=wo, rms_eps=1e-6, return_weights=True)
+        else:
+            o, p = fn(q, wo, 1e-6, *src)
+        inputs = [q, *(s for s in src if s.requires_grad)] + ([w] if output_norm else [])
+        results.append((o, p, *torch.autograd.grad([o, p], inputs, [dy, dpo])))
+    for fused, want in ((results[0], results[2]), (results[1], results[2])):
+        for a, b in zip(fused, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_read_float32_close_to_float64():
+    gen = torch.Generator().manual_seed(0)
+    src = [torch.randn(64, 300, generator=gen) for _ in range(5)]
+    q, w = torch.randn(300, generator=gen) / 17, torch.rand(300, generator=gen) + 0.5
+    o, p = cpu_kernel.CpuRead.apply(q, w, 1e-6, *src)
+    o64, p64 = naive_attn_res(q.double(), [s.double() for s in src], output_rms_weight=w.double(), return_weights=True)
+    torch.testing.assert_close(o.double(), o64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(p.double(), p64, rtol=1e-5, atol=1e-6)
+
+
+def test_dispatch(monkeypatch):
+    calls = []
+    real = cpu_kernel.CpuRead.apply
+    monkeypatch.setattr(cpu_kernel.CpuRead, "apply", lambda *a: calls.append(1) or real(*a))
+    src = [torch.randn(4, 8) for _ in range(3)]
+    q = torch.randn(8)
+    attn_res(q, src)
+    assert len(calls) == 1  # fp32, contiguous, CPU
+    attn_res(q, [s.bfloat16() for s in src])  # bf16: the PyTorch path
+    attn_res(q, [s.t().contiguous().t() for s in [torch.randn(8, 8) for _ in range(3)]])  # non-contiguous
+    attn_res(q, [src[0], src[1].double(), src[2]])  # mixed dtypes
+    assert len(calls) == 1
+    monkeypatch.setenv("ATTNRES_CPU_KERNEL", "0")
+    attn_res(q, src)
+    assert len(calls) == 1
