@@ -3,8 +3,9 @@
 Without autograd, Full and Block AttnRes keep their sources in slots of one ``[sources, N, D]``
 tensor: slot 0 is the embedding, slot n the n-th block (Full: the n-th sublayer output). A write
 copies into (first sublayer of a block) or adds into its slot in place, and a read is a handful of
-batched ops over a view of the bank, whatever the source count: no per-read stacking, no per-source
-Python loop. It computes the same joint softmax as :func:`attnres.attn_res`.
+batched ops over a view of the bank (one call of the fused CPU kernel where it applies), whatever
+the source count: no per-read stacking, no per-source Python loop. It computes the same joint
+softmax as :func:`attnres.attn_res`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..ops import cpu_kernel
 from ..ops._checks import compute_dtype
 from .base import AttnResScheme, Norm, ResidualStream
 
@@ -35,18 +37,20 @@ class BankStream(ResidualStream):
         self.bank[0].copy_(embedding)
         self.queries = (scheme.pseudo_query * scheme.key_norm_weight).to(ct).unbind(0)
         self.count = 0
+        self.fused = cpu_kernel.usable(self.queries[0], [self.bank])  # one C++ call per read
 
     def _read(self, j: int, norm: Norm) -> Tensor:
         i, n = j % self.block_size, j // self.block_size
         v = self.bank[: n + 1 + (i > 0)]  # b_0..b_{n-1}, and the partial b_n^i when i > 0
         d = v.shape[-1]
+        w = norm.weight if norm.weight.dtype == v.dtype else norm.weight.to(v.dtype)
         if j == self.scheme.num_sublayers and not self.scheme.final_aggregation:
-            h = v.sum(0)
+            y = F.rms_norm(v.sum(0), (d,), w, norm.eps)
+        elif self.fused:
+            y = cpu_kernel.load().read_forward_stacked(self.queries[j], w, norm.eps, v)
         else:
             p = torch.softmax(F.rms_norm(v, (d,), eps=norm.eps) @ self.queries[j], dim=0)
-            h = (p.unsqueeze(-1) * v).sum(0)
-        w = norm.weight if norm.weight.dtype == h.dtype else norm.weight.to(h.dtype)
-        y = F.rms_norm(h, (d,), w, norm.eps)
+            y = F.rms_norm((p.unsqueeze(-1) * v).sum(0), (d,), w, norm.eps)
         return y if y.dtype == self.dtype else y.to(self.dtype)
 
     def read(self, norm: Norm) -> Tensor:

@@ -7,6 +7,8 @@ from attnres.models.modeling import RMSNorm
 from attnres.residual import BlockAttnRes, FullAttnRes
 from attnres.residual.bank import BANK_MAX_TOKENS, BankStream
 
+pytestmark = pytest.mark.usefixtures("cpu_read_impl")  # fused CPU kernel and PyTorch path
+
 
 def Norm(d, gen, dtype=torch.float64):
     norm = RMSNorm(d).to(dtype)

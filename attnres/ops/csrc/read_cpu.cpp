@@ -215,6 +215,12 @@ std::vector<torch::Tensor> read_forward(torch::Tensor qp, c10::optional<torch::T
   return {out, s, r, p, rh};
 }
 
+// The forward output only, for inference: sources stacked as one contiguous [L, ..., D] tensor.
+torch::Tensor read_forward_stacked(torch::Tensor qp, c10::optional<torch::Tensor> w, double eps, torch::Tensor bank) {
+  TORCH_CHECK(bank.dim() >= 2 && bank.is_contiguous() && bank.size(0) >= 1, "attnres read: bank must be a contiguous [L, ..., D]");
+  return read_forward(qp, w, eps, bank.unbind(0))[0];
+}
+
 // Returns (dqp or empty, dw or empty, *source grads (empty where not needed)).
 std::vector<torch::Tensor> read_backward(torch::Tensor qp, c10::optional<torch::Tensor> w, torch::Tensor s,
                                          torch::Tensor r, torch::Tensor p, torch::Tensor rh, torch::Tensor dy,
@@ -251,5 +257,6 @@ std::vector<torch::Tensor> read_backward(torch::Tensor qp, c10::optional<torch::
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("read_forward", &read_forward, "AttnRes read forward (CPU)");
+  m.def("read_forward_stacked", &read_forward_stacked, "AttnRes read forward over a stacked bank (CPU)");
   m.def("read_backward", &read_backward, "AttnRes read backward (CPU)");
 }
