@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -46,14 +47,30 @@ def variants(device: torch.device, fla_cache: Path, fla_download: bool) -> tuple
     """name -> callable(query, sources, gain), and name -> {available, reason, info}."""
     from attnres import attn_res, naive_attn_res
 
+    def ours_torch(q, s, g):  # the PyTorch implementation the fused kernel replaces (chosen at forward time)
+        old = os.environ.get("ATTNRES_CPU_KERNEL")
+        os.environ["ATTNRES_CPU_KERNEL"] = "0"
+        try:
+            return attn_res(q, s, rms_weight=g, rms_eps=EPS)
+        finally:
+            if old is None:
+                del os.environ["ATTNRES_CPU_KERNEL"]
+            else:
+                os.environ["ATTNRES_CPU_KERNEL"] = old
+
     fns = {
         "ours": lambda q, s, g: attn_res(q, s, rms_weight=g, rms_eps=EPS),
         "pseudocode": pseudocode_read,
     }
     meta = {
-        "ours": {"available": True, "what": "attnres.attn_res (custom autograd, no stack, recompute in backward)"},
+        "ours": {"available": True, "what": "attnres.attn_res as dispatched: on CPU fp32 the fused C++ kernel "
+                 "(one pass per source row), on CUDA the Triton kernel; saves stats only, recomputes in backward"},
         "pseudocode": {"available": True, "what": "PAPER Fig. 2: stack, rms_norm(V)*g, einsum, softmax(0), einsum"},
     }
+    if device.type == "cpu":
+        fns["ours_torch"] = ours_torch
+        meta["ours_torch"] = {"available": True, "what": "attnres.attn_res with ATTNRES_CPU_KERNEL=0: the "
+                              "PyTorch-ops custom autograd read (no stack, recompute in backward)"}
     fla = load_fla_naive(fla_cache, download=fla_download)
     meta["fla_naive"] = {
         "available": fla.fn is not None,
