@@ -21,6 +21,7 @@ without writing a checkpoint, so the last good one stays.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -96,7 +97,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@functools.cache
 def git_revision() -> dict[str, Any] | None:
+    """HEAD and dirtiness at the first call: the code this process runs, even if the checkout changes later."""
     root = Path(__file__).resolve().parents[2]
     try:
         rev = subprocess.run(
