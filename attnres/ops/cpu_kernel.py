@@ -38,7 +38,9 @@ def load():
         if _ext is None and _failed is None:
             from torch.utils import cpp_extension
 
-            print("[attnres] loading the fused CPU read (built once, ~1 min the first time)", file=sys.stderr)
+            built = Path(cpp_extension._get_build_directory("attnres_read_cpu", False), "attnres_read_cpu.so")
+            if not built.exists():
+                print("[attnres] building the fused CPU read (once, ~30-60 s)", file=sys.stderr)
             try:
                 _ext = cpp_extension.load(
                     name="attnres_read_cpu", sources=[str(_SOURCE)],

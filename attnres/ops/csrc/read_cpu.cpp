@@ -188,8 +188,10 @@ void backward_impl(const T* q, const T* w, const std::vector<const T*>& v, int64
   });
 }
 
-void check(const torch::Tensor& qp, const std::vector<torch::Tensor>& sources) {
+void check(const torch::Tensor& qp, const c10::optional<torch::Tensor>& w, const std::vector<torch::Tensor>& sources) {
   TORCH_CHECK(!sources.empty(), "attnres read: need at least one source");
+  TORCH_CHECK(!w || (w->is_contiguous() && w->scalar_type() == qp.scalar_type() && w->numel() == qp.numel()),
+              "attnres read: w must be a contiguous [D] of qp's dtype");
   TORCH_CHECK(qp.dim() == 1 && qp.is_contiguous() && qp.device().is_cpu(), "attnres read: qp must be a contiguous CPU [D]");
   for (const auto& v : sources) {
     TORCH_CHECK(v.device().is_cpu() && v.is_contiguous() && v.scalar_type() == qp.scalar_type() &&
@@ -201,7 +203,7 @@ void check(const torch::Tensor& qp, const std::vector<torch::Tensor>& sources) {
 // Returns (o, s, r, p, rh); rh is empty without an output norm.
 std::vector<torch::Tensor> read_forward(torch::Tensor qp, c10::optional<torch::Tensor> w, double eps,
                                         std::vector<torch::Tensor> sources) {
-  check(qp, sources);
+  check(qp, w, sources);
   const int64_t d = qp.size(0), n = sources[0].numel() / d, L = sources.size();
   auto out = torch::empty_like(sources[0]);
   auto opts = qp.options();
@@ -226,7 +228,7 @@ std::vector<torch::Tensor> read_backward(torch::Tensor qp, c10::optional<torch::
                                          torch::Tensor r, torch::Tensor p, torch::Tensor rh, torch::Tensor dy,
                                          c10::optional<torch::Tensor> dp_out, std::vector<torch::Tensor> sources,
                                          bool need_dq, bool need_dw, std::vector<bool> need_dv) {
-  check(qp, sources);
+  check(qp, w, sources);
   const int64_t d = qp.size(0), n = sources[0].numel() / d, L = sources.size();
   TORCH_CHECK(dy.is_contiguous() && dy.numel() == n * d && dy.scalar_type() == qp.scalar_type(), "attnres read: bad dy");
   TORCH_CHECK(!dp_out || (dp_out->is_contiguous() && dp_out->numel() == L * n), "attnres read: bad dp_out");
