@@ -61,3 +61,22 @@ def test_dispatch(monkeypatch):
     monkeypatch.setenv("ATTNRES_CPU_KERNEL", "0")
     attn_res(q, src)
     assert len(calls) == 1
+
+
+def test_fused_read_is_the_same_with_several_threads():
+    gen = torch.Generator().manual_seed(1)
+    src = [torch.randn(3, 70, 40, dtype=F64, generator=gen, requires_grad=True) for _ in range(4)]
+    q = torch.randn(40, dtype=F64, generator=gen, requires_grad=True)
+    w = torch.rand(40, dtype=F64, generator=gen).add_(0.5).requires_grad_()
+    dy = torch.randn(3, 70, 40, dtype=F64, generator=gen)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 3):  # per-thread partial sums of the query and gain gradients
+            torch.set_num_threads(n)
+            o, _ = cpu_kernel.CpuRead.apply(q, w, 1e-6, *src)
+            results.append((o, *torch.autograd.grad(o, [q, w, *src], dy)))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
