@@ -47,6 +47,8 @@ def check_read_inputs(
     if len(shape) == 0:
         raise ValueError("each residual must have a feature dim D as its last dim, got 0-dim sources")
     d = shape[-1]
+    if d == 0:
+        raise ValueError(f"the feature dim D (last dim of the residuals) must be > 0, got shape {shape}")
     if not all(t.is_floating_point for t in dtypes):
         raise TypeError(f"residuals must have floating dtypes, got {sorted(map(str, dtypes))}")
     if not isinstance(query, Tensor):

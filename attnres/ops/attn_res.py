@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import cpu_kernel
 from ._checks import check_read_inputs, compute_dtype, source_dtype
@@ -114,6 +115,7 @@ class _AttnResRead(torch.autograd.Function):
         return _finish_forward(ctx, qp, w, eps, s, r, p, _mix(sources, p, qp.dtype), sources, 3)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy: Tensor | None, dp_out: Tensor | None):
         dqp, dw, grads = _read_backward(ctx, dy, dp_out)
         return dqp, dw, None, *grads
@@ -164,6 +166,6 @@ def read(qp: Tensor, w: Tensor | None, eps: float, sources: Sequence[Tensor]) ->
 
         if TRITON_AVAILABLE:
             return triton_read(qp, w, eps, sources)
-    if cpu_kernel.usable(qp, sources):
+    if cpu_kernel.usable(qp, sources, w):
         return cpu_kernel.CpuRead.apply(qp.contiguous(), None if w is None else w.contiguous(), eps, *sources)
     return _AttnResRead.apply(qp, w, eps, *sources)

@@ -9,7 +9,9 @@ same function. Used for contiguous CPU fp32/fp64 sources of one dtype, outside `
 
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
 import sys
 import threading
 import warnings
@@ -18,11 +20,24 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 _SOURCE = Path(__file__).with_name("csrc") / "read_cpu.cpp"
+_FLAGS = ["-O3", "-march=native", "-fopenmp-simd"]
 _lock = threading.Lock()
 _ext = None
 _failed: str | None = None
+
+
+def _name() -> str:
+    """Extension name keyed by the CPU's feature flags and torch version: ``-march=native`` builds must not be
+    shared between different CPUs through a common cache directory."""
+    try:
+        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    key = "|".join([platform.machine(), platform.processor(), flags, torch.__version__, *_FLAGS])
+    return "attnres_read_cpu_" + hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
 def enabled() -> bool:
@@ -38,13 +53,12 @@ def load():
         if _ext is None and _failed is None:
             from torch.utils import cpp_extension
 
-            built = Path(cpp_extension._get_build_directory("attnres_read_cpu", False), "attnres_read_cpu.so")
-            if not built.exists():
+            name = _name()
+            if not Path(cpp_extension._get_build_directory(name, False), f"{name}.so").exists():
                 print("[attnres] building the fused CPU read (once, ~30-60 s)", file=sys.stderr)
             try:
                 _ext = cpp_extension.load(
-                    name="attnres_read_cpu", sources=[str(_SOURCE)],
-                    extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=False,
+                    name=name, sources=[str(_SOURCE)], extra_cflags=_FLAGS, verbose=False,
                 )
             except Exception as e:  # no compiler, no headers, ...: the PyTorch path still works
                 _failed = f"{type(e).__name__}: {e}"
@@ -59,12 +73,12 @@ def unavailable_reason() -> str | None:
     return _failed
 
 
-def usable(qp: Tensor, sources: Sequence[Tensor]) -> bool:
-    """Whether the fused kernel takes this read (CPU, one fp32/fp64 dtype, contiguous, eager)."""
+def usable(qp: Tensor, sources: Sequence[Tensor], w: Tensor | None = None) -> bool:
+    """Whether the fused kernel takes this read (CPU, one fp32/fp64 dtype, contiguous sources, eager)."""
     if torch.compiler.is_compiling() or qp.device.type != "cpu" or _failed is not None or not enabled():
         return False
     dt = qp.dtype
-    if dt not in (torch.float32, torch.float64):
+    if dt not in (torch.float32, torch.float64) or (w is not None and (w.device.type != "cpu" or w.dtype != dt)):
         return False
     return all(v.dtype == dt and v.device.type == "cpu" and v.is_contiguous() for v in sources) and load() is not None
 
@@ -72,11 +86,15 @@ def usable(qp: Tensor, sources: Sequence[Tensor]) -> bool:
 class CpuRead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qp: Tensor, w: Tensor | None, eps: float, *sources: Tensor):
-        o, s, r, p, rh = _ext.read_forward(qp, w, eps, list(sources))
+        ext = load()
+        if ext is None:
+            raise RuntimeError(f"the fused CPU read is unavailable: {unavailable_reason()}")
+        o, s, r, p, rh = ext.read_forward(qp, w, eps, list(sources))
         ctx.save_for_backward(qp, w, s, r, p, rh, *sources)
         return o, p.view(len(sources), *sources[0].shape[:-1])
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy: Tensor | None, dp_out: Tensor | None):
         dqp, dw, grads = backward(ctx, dy, dp_out, first_source=3)
         return dqp, dw, None, *grads

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import cpu_kernel
 from ._checks import compute_dtype, source_dtype
@@ -78,10 +79,11 @@ class _MergedRead(torch.autograd.Function):
             h.addcmul_(vp, (b / z)[:, None])
             s, r = torch.cat([inter.s, s_p[None]]), torch.cat([inter.r, r_p[None]])
         p = torch.exp(s - big).div_(z)
-        ctx.fused_backward = cpu_kernel.usable(qp, sources)
+        ctx.fused_backward = cpu_kernel.usable(qp, sources, w)
         return _finish_forward(ctx, qp, w, eps, s, r, p, h, sources, 4)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy: Tensor | None, dp_out: Tensor | None):
         if ctx.fused_backward:
             dqp, dw, grads = cpu_kernel.backward(ctx, dy, dp_out, first_source=4)
@@ -100,8 +102,8 @@ def merged_read(
     same sources would. ``blocks`` must be the ones ``inter`` was computed from.
     """
     sources = (*blocks, partial) if partial is not None else tuple(blocks)
-    w = None if output_rms_weight is None else output_rms_weight.to(qp.dtype)
-    return _MergedRead.apply(qp, w, float(rms_eps), inter, *sources)
+    w = None if output_rms_weight is None else output_rms_weight.to(qp.dtype).contiguous()
+    return _MergedRead.apply(qp.contiguous(), w, float(rms_eps), inter, *sources)
 
 
 def two_phase_attn_res(

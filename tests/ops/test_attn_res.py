@@ -172,6 +172,7 @@ def test_query_shapes_are_equivalent(shape):
          "int32"),
         (dict(query=[0.0] * 4, residuals=[torch.zeros(2, 4)]), TypeError, "list"),
         (dict(query=torch.zeros(4), residuals=[torch.zeros(2, 4)], rms_eps=-1.0), ValueError, "-1.0"),
+        (dict(query=torch.zeros(0), residuals=[torch.zeros(3, 0)] * 2), ValueError, "(3, 0)"),
     ],
 )
 def test_bad_input_raises_naming_the_value(op, kwargs, exc, words):

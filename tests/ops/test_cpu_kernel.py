@@ -80,3 +80,26 @@ def test_fused_read_is_the_same_with_several_threads():
         torch.set_num_threads(threads)
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_merged_read_accepts_non_contiguous_query_and_gain():
+    from attnres.ops import two_phase_attn_res
+
+    gen = torch.Generator().manual_seed(2)
+    blocks = [torch.randn(5, 12, dtype=F64, generator=gen, requires_grad=True) for _ in range(3)]
+    partials = [None, torch.randn(5, 12, dtype=F64, generator=gen, requires_grad=True)]
+    q = torch.randn(12, 2, dtype=F64, generator=gen).t().requires_grad_()  # non-contiguous [2, 12]
+    og = torch.rand(12, 2, dtype=F64, generator=gen)[:, 0]  # non-contiguous [12]
+    outs = two_phase_attn_res(q, blocks, partials, output_rms_weight=og)
+    sum(o.sum() for o in outs).backward()
+    want = [naive_attn_res(q[j], [*blocks, *([partials[j]] if partials[j] is not None else [])],
+                           output_rms_weight=og) for j in range(2)]
+    for o, w in zip(outs, want, strict=True):
+        torch.testing.assert_close(o, w, rtol=1e-10, atol=1e-12)
+    assert q.grad is not None and all(b.grad is not None for b in blocks)
+
+
+def test_gain_on_another_device_or_dtype_takes_the_pytorch_path():
+    q, src = torch.randn(8), [torch.randn(3, 8) for _ in range(2)]
+    assert cpu_kernel.usable(q, src) and not cpu_kernel.usable(q, src, torch.ones(8, dtype=F64))
+    assert not cpu_kernel.usable(q, src, torch.ones(8, device="meta"))

@@ -76,3 +76,35 @@ def test_bank_keeps_the_stream_dtype(dtype):
         x = stream.read(norm)
         stream.write(x)
         assert stream.read(norm).dtype == dtype and stream.finish(norm).dtype == dtype
+
+
+@pytest.mark.parametrize("final_aggregation", [True, False])
+def test_bank_finish_before_the_last_sublayer_reads_what_was_written(final_aggregation):
+    gen = torch.Generator().manual_seed(3)
+    scheme = FullAttnRes(16, 6, final_aggregation).double()
+    with torch.no_grad():
+        scheme.pseudo_query.normal_(generator=gen)
+    embedding = torch.randn(1, 2, 16, dtype=torch.float64, generator=gen)
+    outputs = [torch.randn(1, 2, 16, dtype=torch.float64, generator=gen) for _ in range(2)]
+    norm = Norm(16, gen)
+    results = []
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            stream = scheme.start(embedding)
+            for out in outputs:
+                stream.read(norm)
+                stream.write(out)
+            results.append(stream.finish(norm))
+    assert type(stream) is BankStream
+    torch.testing.assert_close(results[1], results[0].detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_bank_read_past_the_last_sublayer_is_an_error():
+    scheme = BlockAttnRes(8, 2, 1)
+    norm = Norm(8, torch.Generator().manual_seed(0), torch.float32)
+    with torch.no_grad():
+        stream = scheme.start(torch.randn(1, 1, 8))
+        for _ in range(2):
+            stream.write(stream.read(norm))
+        with pytest.raises(RuntimeError, match="read point 2 does not exist"):
+            stream.read(norm)

@@ -190,9 +190,11 @@ void backward_impl(const T* q, const T* w, const std::vector<const T*>& v, int64
 
 void check(const torch::Tensor& qp, const c10::optional<torch::Tensor>& w, const std::vector<torch::Tensor>& sources) {
   TORCH_CHECK(!sources.empty(), "attnres read: need at least one source");
-  TORCH_CHECK(!w || (w->is_contiguous() && w->scalar_type() == qp.scalar_type() && w->numel() == qp.numel()),
-              "attnres read: w must be a contiguous [D] of qp's dtype");
-  TORCH_CHECK(qp.dim() == 1 && qp.is_contiguous() && qp.device().is_cpu(), "attnres read: qp must be a contiguous CPU [D]");
+  TORCH_CHECK(!w || (w->device().is_cpu() && w->is_contiguous() && w->scalar_type() == qp.scalar_type() &&
+                     w->numel() == qp.numel()),
+              "attnres read: w must be a contiguous CPU [D] of qp's dtype");
+  TORCH_CHECK(qp.dim() == 1 && qp.size(0) > 0 && qp.is_contiguous() && qp.device().is_cpu(),
+              "attnres read: qp must be a contiguous CPU [D], D > 0");
   for (const auto& v : sources) {
     TORCH_CHECK(v.device().is_cpu() && v.is_contiguous() && v.scalar_type() == qp.scalar_type() &&
                     v.numel() == sources[0].numel() && v.size(-1) == qp.size(0),
