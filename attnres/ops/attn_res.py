@@ -29,16 +29,19 @@ def _flat(v: Tensor, ct: torch.dtype) -> Tensor:
     return v.reshape(-1, v.shape[-1]).to(ct)
 
 
+def rstd(x: Tensor, eps: float) -> Tensor:
+    """rsqrt(mean(x^2) + eps) over the last dim of a 2-D ``x``: [N]."""
+    return torch.linalg.vector_norm(x, dim=-1).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+
+
 def _stats(sources: Sequence[Tensor], qp: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """Logits s [L, N], key rstd r [L, N] and weights p [L, N]: one read of each source."""
-    d = qp.shape[0]
-    rows = sources[0].numel() // d
+    rows = sources[0].numel() // qp.shape[0]
     s = qp.new_empty(len(sources), rows)
     r = qp.new_empty(len(sources), rows)
     for i, v in enumerate(sources):
         vf = _flat(v, qp.dtype)
-        torch.linalg.vector_norm(vf, dim=-1, out=r[i])
-        r[i].square_().div_(d).add_(eps).rsqrt_()
+        r[i] = rstd(vf, eps)
         torch.mv(vf, qp, out=s[i])
         s[i].mul_(r[i])
     return s, r, torch.softmax(s, dim=0)
@@ -52,17 +55,13 @@ def _mix(sources: Sequence[Tensor], p: Tensor, ct: torch.dtype) -> Tensor:
     return h
 
 
-def _out_rstd(h: Tensor, eps: float) -> Tensor:
-    return torch.linalg.vector_norm(h, dim=-1).square_().div_(h.shape[-1]).add_(eps).rsqrt_()
-
-
 def _finish_forward(ctx, qp, w, eps, s, r, p, h, sources, first_source):
     """Apply the optional output norm, save what backward needs, return (o, p) shaped like the sources."""
     rh = None
     if w is not None:
-        rh = _out_rstd(h, eps)
+        rh = rstd(h, eps)
         h.mul_(rh[:, None]).mul_(w)
-    ctx.eps, ctx.first_source = eps, first_source
+    ctx.first_source = first_source
     ctx.save_for_backward(qp, w, s, r, p, rh, *sources)
     shape = sources[0].shape
     return h.to(source_dtype(sources)).reshape(shape), p.reshape(len(sources), *shape[:-1])

@@ -22,7 +22,7 @@ from torch.autograd.function import once_differentiable
 
 from . import cpu_kernel
 from ._checks import compute_dtype, source_dtype
-from .attn_res import _finish_forward, _flat, _read_backward
+from .attn_res import _finish_forward, _flat, _read_backward, rstd
 
 
 @dataclass
@@ -38,8 +38,7 @@ class InterBlock:
 
 def key_rstd(v: Tensor, eps: float) -> Tensor:
     """rsqrt(mean(v^2) + eps) per token, [N] in fp32 (fp64 for fp64)."""
-    vf = _flat(v.detach(), compute_dtype(v.dtype))
-    return torch.linalg.vector_norm(vf, dim=-1).square_().div_(vf.shape[-1]).add_(eps).rsqrt_()
+    return rstd(_flat(v.detach(), compute_dtype(v.dtype)), eps)
 
 
 @torch.no_grad()
@@ -70,7 +69,7 @@ class _MergedRead(torch.autograd.Function):
             h = inter.o / z[:, None]
         else:  # merge the partial sum b_n^i
             vp = _flat(sources[n], qp.dtype)
-            r_p = torch.linalg.vector_norm(vp, dim=-1).square_().div_(vp.shape[-1]).add_(eps).rsqrt_()
+            r_p = rstd(vp, eps)
             s_p = torch.mv(vp, qp).mul_(r_p)
             big = torch.maximum(inter.m, s_p)
             a, b = torch.exp(inter.m - big), torch.exp(s_p - big)

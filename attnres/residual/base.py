@@ -17,7 +17,8 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from ..ops import attn_res
+from ..ops._checks import compute_dtype, source_dtype
+from ..ops.attn_res import read
 
 
 class Norm(Protocol):
@@ -128,10 +129,11 @@ class AttnResScheme(ResidualScheme):
         return self.pseudo_query[start:end] * self.key_norm_weight[start:end]
 
     def _mix(self, j: int, sources: list[Tensor], norm: Norm) -> Tensor:
-        q, g = self.pseudo_query[j], self.key_norm_weight[j]
+        ct = compute_dtype(source_dtype(sources))
+        qp = self.pseudo_query[j].to(ct) * self.key_norm_weight[j].to(ct)  # as attn_res folds the gain
         if self._records is None:
-            return attn_res(q, sources, g, norm.weight, norm.eps)
-        h, p = attn_res(q, sources, g, rms_eps=norm.eps, return_weights=True)
+            return read(qp, norm.weight.to(ct), norm.eps, sources)[0]
+        h, p = read(qp, None, norm.eps, sources)
         self._records.append(DepthRead(j, rms(h), p.detach()))
         return norm(h)
 

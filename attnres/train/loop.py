@@ -321,6 +321,21 @@ def prepare(cfg: TrainConfig, progress: bool = True):
 # ----------------------------------------------------------------------------- the loop
 
 
+def _restores_threads(fn):
+    """``cfg.num_threads`` applies for one run only: restore the caller's torch thread count."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        threads = torch.get_num_threads()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return wrapper
+
+
+@_restores_threads
 def train(
     cfg: TrainConfig | None,
     out_dir: str | Path,
@@ -337,23 +352,6 @@ def train(
     already prepared :class:`attnres.data.TokenData` (``compare`` prepares once for all arms).
     ``cfg.num_threads`` applies for the run only; the caller's torch thread count is restored.
     """
-    threads = torch.get_num_threads()
-    try:
-        return _train(cfg, out_dir, resume, progress, overwrite=overwrite, data=data, label=label)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _train(
-    cfg: TrainConfig | None,
-    out_dir: str | Path,
-    resume: bool = False,
-    progress: bool = True,
-    *,
-    overwrite: bool = False,
-    data=None,
-    label: str | None = None,
-) -> dict[str, Any]:
     from ..data import Batches
     from ..models import AttnResForCausalLM
 

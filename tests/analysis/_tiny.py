@@ -4,6 +4,8 @@ import torch
 
 from attnres import AttnResConfig, AttnResForCausalLM
 
+from ..models.test_model import randomize_attnres  # noqa: F401  (re-exported for the analysis tests)
+
 VOCAB = 64
 
 
@@ -14,16 +16,6 @@ def tiny_model(residual="standard", layers=3, block_size=4, **kw) -> AttnResForC
         attn_res_block_size=block_size if residual == "block" else None, **kw,
     )
     return AttnResForCausalLM(cfg)
-
-
-def randomize_attnres(model) -> None:
-    """Move the pseudo-queries and key-norm gains off their init so depth weights depend on the input."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "pseudo_query" in name:
-                p.normal_(0, 0.5)
-            elif "key_norm_weight" in name:
-                p.uniform_(0.5, 1.5)
 
 
 def token_ids(b=2, t=8, seed=0) -> torch.LongTensor:
