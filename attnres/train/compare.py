@@ -1,4 +1,4 @@
-"""``attnres compare``: standard vs Block (N = ``attn_res_num_blocks``) vs Full, on equal terms.
+"""``attnres compare``: standard vs Block AttnRes (N blocks) vs Full, on equal terms.
 
 Every arm gets the same config except ``residual``: the same seeds (model init and data order),
 the same batches, tokens and hyperparameters; the shared weights even start identical, because
@@ -7,6 +7,12 @@ prepared once. Arm ``<residual>`` with seed ``s`` trains into ``OUT/<residual>-s
 
 Outputs: ``OUT/summary.json`` (one entry per run), ``OUT/report.md`` (table, command, machine,
 versions, training dynamics, plots) and PNGs from :mod:`attnres.analysis`.
+
+``resume`` continues the arms already in ``OUT`` with *their* saved config (the one config they
+share), changing only the keys given explicitly now; it refuses, before training anything, saved
+arms that differ from each other, a ``max_steps`` below an arm's step, and a change that would put
+the arms on different learning-rate schedules. No report is written over arms that did not end
+on equal terms.
 """
 
 from __future__ import annotations
@@ -20,11 +26,21 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_write_text, find_checkpoint
-from .config import TrainConfig
-from .loop import RunExistsError, environment, git_revision, last_probes, prepare, read_metrics, train
+from .checkpoint import atomic_write_text, find_checkpoint, load_trainer_state
+from .config import PRESETS, ConfigError, TrainConfig, config_from_dict, load_config, parse_set, read_yaml
+from .loop import (
+    RESUMABLE_KEYS,
+    RunExistsError,
+    environment,
+    git_revision,
+    last_probes,
+    prepare,
+    read_metrics,
+    train,
+)
 
 ARMS = ("standard", "block", "full")
+ARM_KEYS = ("residual", "seed")  # the only keys in which the arms' configs differ
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
@@ -35,28 +51,42 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 
 
 def _fmt(xs: list[float], digits: int) -> str:
+    if all(x is None for x in xs):
+        return "-"
     m, s = _mean_std(xs)
     return f"{m:.{digits}f} ± {s:.{digits}f}" if len(xs) > 1 else f"{m:.{digits}f}"
+
+
+def _num(x: float | None, spec: str) -> str:
+    """``format(x, spec)``, or "-" for a missing value (a run that never evaluated has no val loss)."""
+    return "-" if x is None else format(x, spec)
+
+
+def _median(xs: list[float | None]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
 
 
 def table_rows(runs: list[dict[str, Any]]) -> list[dict[str, str]]:
     """One row per residual: mean ± std over seeds; step-time ratio to standard (ratio of medians)."""
     by = {r: [x for x in runs if x["residual"] == r] for r in ARMS}
-    base = statistics.median([x["step_time"] for x in by["standard"]]) if by["standard"] else None
+    base = _median([x["step_time"] for x in by["standard"]])
     rows = []
     for residual, rs in by.items():
         if not rs:
             continue
-        st = statistics.median([x["step_time"] for x in rs])
+        st = _median([x["step_time"] for x in rs])
+        tps = [x["tokens_per_s"] for x in rs if x.get("tokens_per_s") is not None]
+        n = rs[0].get("num_blocks")
         rows.append(
             {
-                "residual": residual + (f" (N={rs[0]['num_blocks']})" if residual == "block" else ""),
+                "residual": residual + (f" (N={n})" if residual == "block" and n is not None else ""),
                 "params": f"{rs[0]['params']:,}",
                 "val loss": _fmt([x["val_loss"] for x in rs], 4),
                 "ppl": _fmt([x["ppl"] for x in rs], 2),
                 "bits/byte": _fmt([x["bpb"] for x in rs], 4),
-                "tokens/s": f"{statistics.fmean([x['tokens_per_s'] for x in rs]):,.0f}",
-                "step time ratio": f"{st / base:.3f}" if base else "-",
+                "tokens/s": f"{statistics.fmean(tps):,.0f}" if tps else "-",
+                "step time ratio": f"{st / base:.3f}" if base and st is not None else "-",
             }
         )
     return rows
@@ -144,7 +174,10 @@ def write_report(
     preset: str,
     argv: list[str],
     elapsed: float,
+    vocab_size: int | None = None,
 ) -> str:
+    """Write ``out/report.md`` (and the plots); ``vocab_size``: the tokenizer's actual size (default:
+    the runs' ``vocab_size``), shown instead of the configured BPE target when they differ."""
     rows = table_rows(runs)
     pngs, dynamics, notes = _plots(out, runs, seeds)
     env = environment()
@@ -153,21 +186,33 @@ def write_report(
         [
             {
                 "run": f"{r['residual']}-s{r['seed']}",
-                "val loss": f"{r['val_loss']:.4f}",
-                "ppl": f"{r['ppl']:.2f}",
-                "bits/byte": f"{r['bpb']:.4f}",
-                "train loss": f"{r['train_loss']:.4f}",
-                "step time (s)": f"{r['step_time']:.3f}",
-                "tokens/s": f"{r['tokens_per_s']:,.0f}",
+                "steps": str(r["steps"]),
+                "val loss": _num(r["val_loss"], ".4f"),
+                "ppl": _num(r["ppl"], ".2f"),
+                "bits/byte": _num(r["bpb"], ".4f"),
+                "train loss (last step)": _num(r["train_loss"], ".4f"),
+                "step time (s)": _num(r["step_time"], ".3f"),
+                "tokens/s": _num(r["tokens_per_s"], ",.0f"),
             }
             for r in runs
         ]
     )
-    cfg_lines = "\n".join(f"{k}: {json.dumps(v)}" for k, v in cfg.to_dict().items() if k != "residual")
+    n_blocks = next((r["num_blocks"] for r in runs if r.get("num_blocks") is not None), None)
+    if n_blocks is None:
+        n_blocks = num_blocks(cfg)
+    if vocab_size is None:
+        vocab_size = next((r["vocab_size"] for r in runs if r.get("vocab_size") is not None), None)
+
+    def cfg_line(k: str, v: Any) -> str:
+        if k == "vocab_size" and vocab_size is not None and vocab_size != v:
+            return f"vocab_size: {vocab_size}  # the {cfg.tokenizer} tokenizer's (the configured {v} is not used)"
+        return f"{k}: {json.dumps(v)}"
+
+    cfg_lines = "\n".join(cfg_line(k, v) for k, v in cfg.to_dict().items() if k not in ARM_KEYS)
     parts = [
         f"# AttnRes compare: `{preset}` preset, {len(seeds)} seed{'s' if len(seeds) > 1 else ''}",
         "",
-        f"Standard residual vs Block AttnRes (N={cfg.attn_res_num_blocks}) vs Full AttnRes, trained with "
+        f"Standard residual vs Block AttnRes (N={n_blocks}) vs Full AttnRes, trained with "
         f"identical seeds, data order, tokens ({cfg.max_steps} steps x {cfg.tokens_per_step:,} tokens = "
         f"{cfg.max_steps * cfg.tokens_per_step:,} tokens) and hyperparameters. Validation metrics at the "
         "last step"
@@ -221,6 +266,222 @@ def write_report(
     atomic_write_text(out / "report.md", text)
     return text
 
+# ----------------------------------------------------------------------------- equal terms
+
+
+def num_blocks(cfg: TrainConfig) -> int:
+    """N of the block arm as the model builds it (``BlockAttnRes.num_blocks``): with
+    ``attn_res_block_size`` set it is ceil(sublayers / S), not ``attn_res_num_blocks``."""
+    from ..residual import BlockAttnRes
+
+    mc = replace(cfg, residual="block").model_config()
+    return BlockAttnRes(1, mc.num_sublayers, mc.block_size).num_blocks
+
+
+def _schedule(history: list[tuple[int, int]], step: int, max_steps: int) -> list[tuple[int, int]]:
+    """Add "from ``step`` on, the schedule is ``max_steps`` long" to a max_steps history.
+
+    An entry at or after ``step`` was superseded (training went on from ``step``), and an entry
+    that keeps the length is no change."""
+    out = [(k, m) for k, m in history if k < step]
+    if not out or out[-1][1] != max_steps:
+        out.append((step, max_steps))
+    return out
+
+
+def schedule_history(run_dir: Path, step: int, max_steps: int) -> list[tuple[int, int]]:
+    """[(step, max_steps), ...]: the learning-rate schedule a run trained on up to ``step`` (its
+    checkpoint's), from run.json's config and resumes; ``max_steps``: its checkpoint's."""
+    try:
+        info = json.loads((run_dir / "run.json").read_text())
+        hist = _schedule([], 0, int(info["config"]["max_steps"]))
+        for r in info.get("resumes", []):
+            if r["step"] <= step:
+                hist = _schedule(hist, int(r["step"]), int(r["config"]["max_steps"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        hist = []
+    # entries past the checkpoint were rolled back; the checkpoint's own config has the last word
+    if not hist or hist[-1][1] != max_steps:
+        hist = _schedule(hist, hist[-1][0] if hist else 0, max_steps)
+    return hist
+
+
+def _fmt_schedule(hist: list[tuple[int, int]]) -> str:
+    return ", then ".join(f"max_steps {m} from step {k}" for k, m in hist)
+
+
+def _arm_states(dirs: dict[tuple[int, str], Path]) -> dict[str, tuple[TrainConfig, int, Path]]:
+    """label -> (saved config, checkpoint step, run dir) of every arm that has a checkpoint."""
+    states = {}
+    for (seed, residual), d in dirs.items():
+        ckpt = find_checkpoint(d) if d.exists() else None
+        if ckpt is not None:
+            st = load_trainer_state(ckpt)
+            states[f"{residual}-s{seed}"] = (config_from_dict(st["train_config"]), int(st["step"]), d)
+    return states
+
+
+def _differences(configs: dict[str, TrainConfig], ignore=()) -> dict[str, dict[str, Any]]:
+    """key -> {label: value} for every key (outside ARM_KEYS and ``ignore``) the configs disagree on."""
+    dicts = {label: c.to_dict() for label, c in configs.items()}
+    keys = next(iter(dicts.values())).keys() if dicts else ()
+    return {
+        k: {label: d[k] for label, d in dicts.items()}
+        for k in keys
+        if k not in ARM_KEYS and k not in ignore and len({json.dumps(d[k]) for d in dicts.values()}) > 1
+    }
+
+
+def _fmt_differences(diff: dict[str, dict[str, Any]]) -> str:
+    return "; ".join(
+        f"{k}: " + ", ".join(f"{label} {v!r}" for label, v in values.items()) for k, values in diff.items()
+    )
+
+
+def _argv_keys(argv: list[str] | None) -> set[str] | None:
+    """The config keys an ``attnres compare ...`` command line names (``--set`` and ``--config``);
+    None when ``argv`` is not such a command line."""
+    if not argv or str(argv[0]) != "compare":
+        return None
+    from ..cli import build_parser
+
+    try:
+        args = build_parser().parse_args([str(a) for a in argv])
+        keys = set(parse_set(args.set))
+        if args.config is not None:
+            keys |= set(read_yaml(args.config)) - {"preset"}
+    except (SystemExit, ValueError, OSError):
+        return None
+    return keys
+
+
+def explicit_keys(cfg: TrainConfig, preset: str, argv: list[str] | None = None) -> dict[str, Any]:
+    """The keys of ``cfg`` the user chose: those ``argv`` (an ``attnres compare`` command line) names
+    with ``--set`` or in its ``--config`` file; without such an ``argv``, those that differ from
+    ``preset`` (every key, for a preset that is not one of PRESETS)."""
+    now = cfg.to_dict()
+    named = _argv_keys(argv)
+    if named is not None:
+        return {k: v for k, v in now.items() if k in named and k not in ARM_KEYS}
+    if preset not in PRESETS:
+        return {k: v for k, v in now.items() if k not in ARM_KEYS}
+    base = load_config(preset).to_dict()
+    return {k: v for k, v in now.items() if k not in ARM_KEYS and v != base[k]}
+
+
+def resume_config(
+    cfg: TrainConfig,
+    dirs: dict[tuple[int, str], Path],
+    explicit: dict[str, Any],
+) -> TrainConfig:
+    """The config ``compare --resume`` continues with: the saved arms' shared config with the
+    ``explicit`` keys applied. Raises :class:`ConfigError` (nothing trained, nothing changed) when
+    the saved arms differ, an explicit key may not change on resume, ``max_steps`` is below an
+    arm's step, or the arms would end up on different learning-rate schedules."""
+    states = _arm_states(dirs)
+    if not states:
+        return cfg
+    saved = {label: c for label, (c, _, _) in states.items()}
+    resumable = {k for k in explicit if k in RESUMABLE_KEYS}
+    diff = _differences(saved, ignore=resumable)
+    if diff:
+        fixable = all(k in RESUMABLE_KEYS for k in diff)
+        raise ConfigError(
+            "compare --resume: the arms in OUT were saved with different configs, so they are not a "
+            f"like-for-like comparison ({_fmt_differences(diff)}); "
+            + (
+                "choose the value with --set KEY=VALUE"
+                if fixable
+                else "start a new compare (another --out, or --overwrite)"
+            )
+        )
+    base = next(iter(saved.values()))
+    changed = {
+        k: (getattr(base, k), v)
+        for k, v in explicit.items()
+        if k not in RESUMABLE_KEYS and json.dumps(base.to_dict()[k]) != json.dumps(cfg.to_dict()[k])
+    }
+    if changed:
+        raise ConfigError(
+            "compare --resume: cannot resume with a different config: "
+            + "; ".join(f"{k}: the arms have {a!r}, now {b!r}" for k, (a, b) in changed.items())
+            + " (start a new compare: another --out, or --overwrite)"
+        )
+    new = replace(base, **{k: getattr(cfg, k) for k in explicit if k not in ARM_KEYS}).validate()
+    behind = {label: step for label, (_, step, _) in states.items() if step > new.max_steps}
+    if behind:
+        raise ConfigError(
+            f"compare --resume: max_steps={new.max_steps} is below the step some arms already reached ("
+            + ", ".join(f"{label} at step {s}" for label, s in behind.items())
+            + f"); use max_steps >= {max(behind.values())}"
+        )
+    # the schedule each arm would train on: its history so far, then new.max_steps from its step
+    plans = {}
+    for seed, residual in dirs:
+        label = f"{residual}-s{seed}"
+        if label in states:
+            c, step, d = states[label]
+            plans[label] = _schedule(schedule_history(d, step, c.max_steps), step, new.max_steps)
+        else:
+            plans[label] = [(0, new.max_steps)]
+    if len({tuple(h) for h in plans.values()}) > 1:
+        steps = sorted({step for _, step, _ in states.values()})
+        hint = (
+            f"bring every arm to the same step first (compare --resume --set max_steps={base.max_steps}), "
+            "then change max_steps"
+            if len(states) < len(dirs) or len(steps) > 1
+            else "start a new compare (another --out, or --overwrite)"
+        )
+        raise ConfigError(
+            "compare --resume: the arms would train on different learning-rate schedules ("
+            + "; ".join(f"{label}: {_fmt_schedule(h)}" for label, h in plans.items())
+            + f"); {hint}"
+        )
+    return new
+
+
+def check_equal_terms(runs: list[dict[str, Any]]) -> None:
+    """Raise :class:`ConfigError` unless every run ended at the same step, evaluated there, with the
+    same saved config (outside ARM_KEYS) and the same learning-rate schedule history."""
+    problems = []
+    steps = {f"{r['residual']}-s{r['seed']}": r["steps"] for r in runs}
+    if len(set(steps.values())) > 1:
+        problems.append("different steps (" + ", ".join(f"{k} {v}" for k, v in steps.items()) + ")")
+    unevaluated = [
+        f"{r['residual']}-s{r['seed']}"
+        for r in runs
+        if r.get("val_loss") is None or _last_eval_step(Path(r["out_dir"])) != r["steps"]
+    ]
+    if unevaluated:
+        problems.append("no validation at the last step in " + ", ".join(unevaluated))
+    states = {}
+    for r in runs:
+        d = Path(r["out_dir"])
+        ckpt = find_checkpoint(d) if d.exists() else None
+        if ckpt is not None:
+            st = load_trainer_state(ckpt)
+            states[f"{r['residual']}-s{r['seed']}"] = (config_from_dict(st["train_config"]), int(st["step"]), d)
+    diff = _differences({k: c for k, (c, _, _) in states.items()})
+    if diff:
+        problems.append(f"different configs ({_fmt_differences(diff)})")
+    hists = {k: schedule_history(d, step, c.max_steps) for k, (c, step, d) in states.items()}
+    if len({tuple(h) for h in hists.values()}) > 1:
+        problems.append(
+            "different learning-rate schedules ("
+            + "; ".join(f"{k}: {_fmt_schedule(h)}" for k, h in hists.items())
+            + ")"
+        )
+    if problems:
+        raise ConfigError(
+            "compare: not writing a report, the arms are not on equal terms: " + "; ".join(problems)
+            + "; continue them with compare --resume (max_steps >= the furthest arm's step)"
+        )
+
+
+def _last_eval_step(run_dir: Path) -> int | None:
+    evals = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if "val_loss" in r]
+    return evals[-1] if evals else None
+
 
 def compare(
     cfg: TrainConfig,
@@ -232,13 +493,17 @@ def compare(
     overwrite: bool = False,
     progress: bool = True,
     argv: list[str] | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Train every arm for every seed into ``out_dir``; write summary.json, report.md and plots.
 
-    ``resume``: arms with a checkpoint continue from it (finished ones are kept as they are unless
-    ``max_steps`` grew), missing ones start. The config must match the checkpoints' except for the
-    keys in ``loop.RESUMABLE_KEYS``. Without ``resume`` or ``overwrite``, an ``out_dir`` that already
-    holds runs is refused.
+    ``resume``: the arms' saved config is the base (see :func:`resume_config`); the keys in
+    ``overrides`` (default: the keys in which ``cfg`` differs from ``preset``, i.e. what --config and
+    --set chose) apply over it, and may only be ``loop.RESUMABLE_KEYS`` or equal to the saved values.
+    Arms with a checkpoint continue from it (finished ones are kept as they are unless ``max_steps``
+    grew), missing ones start. Without ``resume`` or ``overwrite``, an ``out_dir`` that already
+    holds runs is refused. Raises :class:`ConfigError` instead of writing a report over arms that
+    did not end on equal terms.
     """
     out = Path(out_dir)
     arms = [(s, r) for s in seeds for r in ARMS]
@@ -253,9 +518,15 @@ def compare(
             )
     cfg.validate()
     argv = list(sys.argv[1:] if argv is None else argv)
+    if resume:
+        explicit = explicit_keys(cfg, preset, argv) if overrides is None else {
+            k: getattr(cfg, k) for k in overrides if k not in ARM_KEYS
+        }
+        cfg = resume_config(cfg, dirs, explicit)
     t0 = time.time()
     data = prepare(cfg, progress)
     out.mkdir(parents=True, exist_ok=True)
+    blocks, vocab = num_blocks(cfg), len(data.tokenizer)
     runs = []
     for seed, residual in arms:
         arm = replace(cfg, residual=residual, seed=seed)
@@ -272,10 +543,12 @@ def compare(
             data=data,
             label=f"{residual}-s{seed}",
         )
-        summary["num_blocks"] = cfg.attn_res_num_blocks
+        summary["num_blocks"] = blocks
+        summary["vocab_size"] = vocab
         runs.append(summary)
+    check_equal_terms(runs)
     atomic_write_text(out / "summary.json", json.dumps(runs, indent=2) + "\n")
-    write_report(out, cfg, runs, seeds, preset, argv, time.time() - t0)
+    write_report(out, cfg, runs, seeds, preset, argv, time.time() - t0, vocab_size=vocab)
     return runs
 
 
