@@ -122,7 +122,7 @@ def plot_losses(runs: list[dict], path) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_title("Loss (train smoothed, val dashed)")
     axes[1].set_title("Second half, zoomed")
-    if runs:
+    if axes[0].get_legend_handles_labels()[0]:  # no legend (and no warning) without any curve
         axes[0].legend(fontsize=8)
     _save(fig, path)
 
@@ -198,7 +198,10 @@ def plot_depth_weights(probes: dict, path, title: str) -> None:
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")
     width = mat.shape[1]
     height = max(2.8, 0.32 * (len(attn_rows) + 1) + 1.4)
-    fig, axes = plt.subplots(1, 2, figsize=(min(4 + 0.42 * width, 18), height), squeeze=False)
+    # constrained layout makes room for the suptitle above the panel titles (without it they overlap)
+    fig, axes = plt.subplots(
+        1, 2, figsize=(min(4 + 0.42 * width, 18), height + 0.4), squeeze=False, layout="constrained"
+    )
     im = None
     for ax, rows, name in zip(axes[0], (attn_rows, mlp_rows), ("pre-attention", "pre-MLP"), strict=True):
         sub = mat[rows + [num_sublayers]]
@@ -218,6 +221,6 @@ def plot_depth_weights(probes: dict, path, title: str) -> None:
                     ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=6,
                             color="black" if v > 0.6 * vmax else "white")
     axes[0, 0].set_ylabel("read (layer)")
-    fig.colorbar(im, ax=list(axes[0]), fraction=0.04, pad=0.02, label="mean weight")
+    fig.colorbar(im, ax=list(axes[0]), fraction=0.04, label="mean weight")
     fig.suptitle(title, fontsize=11)
     _save(fig, path)

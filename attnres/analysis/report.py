@@ -94,12 +94,15 @@ def dynamics_stats(probe: dict) -> dict:
 
 
 def summarize_dynamics(probes: dict[str, dict]) -> str:
-    """A markdown table and a few sentences comparing schemes' probes (label -> collect_probes result)."""
+    """A markdown table and a few sentences comparing schemes' probes (label -> collect_probes result).
+
+    The "probe-batch loss" column is the loss :func:`collect_probes` measured on the batch it probed
+    (in training, a few validation windows), not the validation loss over eval batches."""
     if not probes:
         return "_No probes._\n"
     stats = {label: dynamics_stats(p) for label, p in probes.items()}
     lines = [
-        "| scheme | loss | output RMS last/first | output RMS max/min | hidden RMS final/first "
+        "| scheme | probe-batch loss | output RMS last/first | output RMS max/min | hidden RMS final/first "
         "| grad max/min | grad first/last layer | weight on embedding | weight on predecessor (uniform) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -112,6 +115,9 @@ def summarize_dynamics(probes: dict[str, dict]) -> str:
                                        "grad_max_over_min", "grad_first_over_last")]
         cells = [label, loss, *ratios, _pct(s["embedding"]), pred]
         lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Probe-batch loss: the language-modelling loss on the probed batch itself (training probes "
+                 "use the first validation windows), not the validation loss over eval batches.")
     lines.append("")
 
     labels = list(stats)

@@ -116,3 +116,41 @@ def test_plot_depth_weights_handles_a_final_read_without_weights(tmp_path):
     model = tiny_model("full", layers=2, attn_res_final_aggregation=False)
     plot_depth_weights(collect_probes(model, token_ids()), tmp_path / "w.png", "no final aggregation")
     _assert_only_png(tmp_path, ["w.png"])
+
+
+def _capture_figures(monkeypatch):
+    """Keep each saved figure's layout engine and titles (the real _save still writes the PNG)."""
+    import attnres.analysis.plots as plots
+
+    seen = []
+    save = plots._save
+
+    def keep(fig, path):
+        seen.append({
+            "layout": type(fig.get_layout_engine()).__name__,
+            "suptitle": fig._suptitle.get_text() if fig._suptitle is not None else None,
+            "titles": [ax.get_title() for ax in fig.axes if ax.get_title()],
+            "xlabels": [ax.get_xlabel() for ax in fig.axes if ax.get_xlabel()],
+        })
+        save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    return seen
+
+
+def test_every_figure_uses_constrained_layout_so_titles_do_not_overlap(tmp_path, probes, monkeypatch):
+    seen = _capture_figures(monkeypatch)
+    plot_losses([{"label": "a", "metrics": _metrics(0.0)}], tmp_path / "loss.png")
+    plot_magnitudes(probes, tmp_path / "m.png")
+    plot_grad_norms(probes, tmp_path / "g.png")
+    plot_depth_weights(probes["block"], tmp_path / "w.png", "block AttnRes depth weights (seed 0)")
+    assert [s["layout"] for s in seen] == ["ConstrainedLayoutEngine"] * 4
+    weights = seen[-1]
+    assert weights["suptitle"] == "block AttnRes depth weights (seed 0)"
+    assert weights["titles"][:2] == ["pre-attention", "pre-MLP"] and "source" in weights["xlabels"]
+    assert all(s["titles"] for s in seen)
+
+
+def test_plot_losses_without_curves_has_no_legend_warning(tmp_path, recwarn):
+    plot_losses([{"label": "empty", "metrics": []}], tmp_path / "loss.png")
+    assert not [w for w in recwarn if "legend" in str(w.message)]

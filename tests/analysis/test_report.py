@@ -60,3 +60,11 @@ def test_summary_has_a_table_row_per_scheme_and_weight_sentences_only_for_attnre
 
 def test_summary_of_nothing_says_so():
     assert "No probes" in summarize_dynamics({})
+
+
+def test_summarize_dynamics_labels_the_loss_column_as_the_probe_batch_loss():
+    text = summarize_dynamics({"standard": _probe([1.0, 2.0], [2.0, 1.0])})
+    header = text.splitlines()[0]
+    assert "| probe-batch loss |" in header and "| loss |" not in header
+    assert "| standard | 3.000 |" in text
+    assert "not the validation loss" in text
