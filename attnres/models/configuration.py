@@ -31,7 +31,8 @@ class AttnResConfig(PretrainedConfig):
       read over all sources, with its own pseudo-query and key-norm gain (our reading of PAPER §1
       "Final output"); if False it is the plain sum of all sources.
 
-    After construction ``attn_res_block_size`` holds the resolved S (1 for "full", None for "standard").
+    The keys keep what was given (a saved config stays valid when ``num_hidden_layers`` changes on
+    load); :attr:`block_size` is the resolved S (1 for "full", None for "standard").
     """
 
     model_type = "attnres"
@@ -93,14 +94,21 @@ class AttnResConfig(PretrainedConfig):
             _positive_int("attn_res_block_layers", attn_res_block_layers)
         self.attn_res_block_layers = attn_res_block_layers
         self.attn_res_final_aggregation = bool(attn_res_final_aggregation)
-        self.attn_res_block_size = self._resolve_block_size(attn_res_block_size)
+        self.attn_res_block_size = attn_res_block_size
+        self._resolve_block_size()  # validates the combination now
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     @property
     def num_sublayers(self) -> int:
         return 2 * self.num_hidden_layers
 
-    def _resolve_block_size(self, block_size: int | None) -> int | None:
+    @property
+    def block_size(self) -> int | None:
+        """The paper's S in sublayers, resolved from the keys above (None for "standard")."""
+        return self._resolve_block_size()
+
+    def _resolve_block_size(self) -> int | None:
+        block_size = self.attn_res_block_size
         if block_size is not None:
             _positive_int("attn_res_block_size", block_size)
         layers = self.attn_res_block_layers

@@ -4,9 +4,15 @@ The network never branches on the scheme: each sublayer's input comes from ``str
 output goes to ``stream.write`` (DESIGN.md). Parameter names follow HF Llama, so a
 ``LlamaForCausalLM`` state_dict loads into a ``residual="standard"`` model and gives the same logits;
 AttnRes adds only ``model.residual.pseudo_query`` and ``model.residual.key_norm_weight``.
+
+HF renamed the cache keyword and output field from ``past_key_values`` to ``cache`` (transformers
+5.24). Both names are accepted; outputs carry the cache in the field the installed transformers
+defines (``CACHE_FIELD``). Unknown keywords raise ``TypeError``.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +25,24 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from ..ops._checks import compute_dtype
 from ..residual import AttnResScheme, ResidualStream, build_residual
 from .configuration import AttnResConfig
+
+CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+# Keywords HF generate() / Trainer pass by convention that need no handling here: generate() of
+# transformers < 5.24 sends ``cache_position``, which always equals the positions the cache implies.
+CONVENTION_KWARGS = frozenset({"cache_position"})
+
+
+def _take_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise TypeError("got different caches as cache= and past_key_values=; pass one (they are the same keyword)")
+    return cache if cache is not None else past_key_values
+
+
+def _check_kwargs(kwargs: dict, where: str) -> None:
+    unknown = sorted(set(kwargs) - CONVENTION_KWARGS)
+    if unknown:
+        raise TypeError(f"{where}() got unexpected keyword argument(s): {', '.join(unknown)}")
 
 
 class RMSNorm(nn.Module):
@@ -56,7 +80,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * hd, d, bias=False)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, causal: bool,
-                cache: Cache | None) -> Tensor:
+                cache: Cache | None, weights: list[Tensor] | None = None) -> Tensor:
+        """``weights``: if a list, the attention probabilities [B, heads, q, kv] are appended to it."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -65,10 +90,27 @@ class Attention(nn.Module):
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.num_kv_heads != self.num_heads
-        )
+        if weights is None:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.num_kv_heads != self.num_heads
+            )
+        else:
+            y = self._explicit(q, k, v, mask, causal, weights)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+
+    def _explicit(self, q, k, v, mask, causal, weights: list[Tensor]) -> Tensor:
+        """The same attention with its probabilities materialised (as HF's eager path: fp32 softmax)."""
+        rep = self.num_heads // self.num_kv_heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        scores = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5
+        if causal:
+            q_len, kv_len = q.shape[-2], k.shape[-2]
+            mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(kv_len - q_len)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        p = torch.softmax(scores, dim=-1, dtype=compute_dtype(q.dtype)).to(q.dtype)
+        weights.append(p)
+        return p @ v
 
 
 class MLP(nn.Module):
@@ -94,8 +136,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, stream: ResidualStream, rope, mask, causal, cache) -> None:
-        stream.write(self.self_attn(stream.read(self.input_layernorm), rope, mask, causal, cache))
+    def forward(self, stream: ResidualStream, rope, mask, causal, cache, weights=None) -> None:
+        stream.write(self.self_attn(stream.read(self.input_layernorm), rope, mask, causal, cache, weights))
         stream.write(self.mlp(stream.read(self.post_attention_layernorm)))
 
 
@@ -144,7 +186,7 @@ class AttnResModel(AttnResPreTrainedModel):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.residual = build_residual(
             config.residual, config.hidden_size, config.num_sublayers,
-            config.attn_res_block_size, config.attn_res_final_aggregation,
+            config.block_size, config.attn_res_final_aggregation,
         )
         self.post_init()
 
@@ -168,31 +210,70 @@ class AttnResModel(AttnResPreTrainedModel):
         input_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: Tensor | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast:
+    ) -> BaseModelOutputWithPast | tuple:
+        """``hidden_states`` (with ``output_hidden_states``): the embedding, then the residual each
+        later decoder layer reads (for standard: the running sum, as Llama), then the final normed
+        output. ``attentions``: each layer's attention probabilities, computed explicitly."""
+        _check_kwargs(kwargs, type(self).__name__ + ".forward")
+        cache = _take_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache()
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if use_cache and cache is None:
+            cache = DynamicCache()
+        past = cache.get_seq_length() if cache is not None else 0
         t = inputs_embeds.shape[1]
         if position_ids is None:
             position_ids = torch.arange(past, past + t, device=inputs_embeds.device)[None]
         rope = self._rope(position_ids, inputs_embeds.dtype)
         mask, causal = _attention_mask(attention_mask, t, past, inputs_embeds.device)
-        cache = past_key_values if use_cache else None
+        cache = cache if use_cache else None
+        attentions = [] if self._flag(output_attentions, "output_attentions") else None
 
-        stream = self.residual.start(inputs_embeds)
-        for layer in self.layers:
-            layer(stream, rope, mask, causal, cache)
-        hidden = stream.finish(self.norm)
-        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache)
+        with self._layer_inputs(self._flag(output_hidden_states, "output_hidden_states")) as inputs:
+            stream = self.residual.start(inputs_embeds)
+            for layer in self.layers:
+                layer(stream, rope, mask, causal, cache, attentions)
+            hidden = stream.finish(self.norm)
+        out = BaseModelOutputWithPast(
+            last_hidden_state=hidden, **{CACHE_FIELD: cache},
+            hidden_states=None if inputs is None else (inputs_embeds, *inputs[1:], hidden),
+            attentions=None if attentions is None else tuple(attentions),
+        )
+        return out if self._flag(return_dict, "return_dict") else out.to_tuple()
+
+    def _flag(self, value: bool | None, name: str) -> bool:
+        return bool(getattr(self.config, name, False) if value is None else value)
+
+    @contextlib.contextmanager
+    def _layer_inputs(self, enabled: bool):
+        """Collect the un-normalised input of every decoder layer's attention read (or yield None).
+
+        Recording makes AttnRes reads call the PreNorm module on h (instead of fusing it), so a
+        pre-hook on each ``input_layernorm`` sees h."""
+        if not enabled:
+            yield None
+            return
+        seen: list[Tensor] = []
+        hooks = [layer.input_layernorm.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+                 for layer in self.layers]
+        recording = self.residual._records is not None  # a user's record() stays theirs
+        try:
+            with contextlib.nullcontext() if recording else self.residual.record():
+                yield seen
+        finally:
+            for h in hooks:
+                h.remove()
 
 
 class AttnResForCausalLM(AttnResPreTrainedModel, GenerationMixin):
@@ -221,25 +302,45 @@ class AttnResForCausalLM(AttnResPreTrainedModel, GenerationMixin):
         input_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: Tensor | None = None,
         labels: Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        num_items_in_batch: int | Tensor | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
-        """``labels`` (same shape as ``input_ids``, -100 = ignore) give the next-token cross-entropy."""
+    ) -> CausalLMOutputWithPast | tuple:
+        """``labels`` (same shape as ``input_ids``, -100 = ignore) give the next-token cross-entropy,
+        averaged over the labelled tokens, or summed and divided by ``num_items_in_batch`` (HF Trainer's
+        gradient-accumulation convention)."""
+        _check_kwargs(kwargs, type(self).__name__ + ".forward")
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            cache=_take_cache(cache, past_key_values), inputs_embeds=inputs_embeds, use_cache=use_cache,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
         )
         hidden = out.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
-            )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+        loss = None if labels is None else _next_token_loss(logits, labels, num_items_in_batch)
+        result = CausalLMOutputWithPast(
+            loss=loss, logits=logits, **{CACHE_FIELD: getattr(out, CACHE_FIELD)},
+            hidden_states=out.hidden_states, attentions=out.attentions,
+        )
+        return result if self.model._flag(return_dict, "return_dict") else result.to_tuple()
+
+
+def _next_token_loss(logits: Tensor, labels: Tensor, num_items_in_batch: int | Tensor | None) -> Tensor:
+    flat_logits = logits[:, :-1].flatten(0, 1).float()
+    flat_labels = labels[:, 1:].flatten().to(logits.device)
+    if num_items_in_batch is None:
+        return F.cross_entropy(flat_logits, flat_labels, ignore_index=-100)
+    total = F.cross_entropy(flat_logits, flat_labels, ignore_index=-100, reduction="sum")
+    if isinstance(num_items_in_batch, Tensor):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch

@@ -37,7 +37,7 @@ class BankStream(ResidualStream):
         n = scheme.num_sublayers
         self.bank = embedding.new_empty(2 + (n - 1) // block_size, *embedding.shape, dtype=ct)
         self.bank[0].copy_(embedding)
-        self.queries = (scheme.pseudo_query * scheme.key_norm_weight).to(ct).unbind(0)
+        self.queries = scheme.folded_queries(0, len(scheme.pseudo_query), ct).unbind(0)
         self.count = 0
         self.fused = cpu_kernel.usable(self.queries[0], [self.bank])  # one C++ call per read (w cast to ct)
 

@@ -124,13 +124,13 @@ class AttnResScheme(ResidualScheme):
             self._records.append(DepthRead(self.num_sublayers, rms(h)))
         return norm(h)
 
-    def folded_queries(self, start: int, end: int) -> Tensor:
-        """q' = q * g of read points start..end-1, [end - start, D] (the key-norm gain folded in)."""
-        return self.pseudo_query[start:end] * self.key_norm_weight[start:end]
+    def folded_queries(self, start: int, end: int, dtype: torch.dtype) -> Tensor:
+        """q' = q * g of read points start..end-1 in ``dtype``, [end - start, D] (the key-norm gain folded in)."""
+        return self.pseudo_query[start:end].to(dtype) * self.key_norm_weight[start:end].to(dtype)
 
     def _mix(self, j: int, sources: list[Tensor], norm: Norm) -> Tensor:
         ct = compute_dtype(source_dtype(sources))
-        qp = self.pseudo_query[j].to(ct) * self.key_norm_weight[j].to(ct)  # as attn_res folds the gain
+        qp = self.folded_queries(j, j + 1, ct)[0]  # as attn_res folds the gain
         if self._records is None:
             return read(qp, norm.weight.to(ct), norm.eps, sources)[0]
         h, p = read(qp, None, norm.eps, sources)

@@ -49,7 +49,7 @@ class BlockStream(ResidualStream):
         i = j % self.scheme.block_size
         if i == 0:  # the block opens: phase 1 for all of its reads
             end = min(j + self.scheme.block_size, self.scheme.num_sublayers)
-            self.queries = self.scheme.folded_queries(j, end).to(compute_dtype(source_dtype(self.blocks)))
+            self.queries = self.scheme.folded_queries(j, end, compute_dtype(source_dtype(self.blocks)))
             self.rstd += [key_rstd(b, norm.eps) for b in self.blocks[len(self.rstd):]]
             self.inter = phase1(self.queries, self.blocks, self.rstd)
         out, _ = merged_read(self.queries[i], self.inter[i], self.blocks, self.partial, norm.weight, norm.eps)

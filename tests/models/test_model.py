@@ -206,9 +206,9 @@ def test_bad_config_raises_naming_the_value(kw, words):
 )
 def test_block_size_resolution(kw, block_size):
     config = AttnResConfig(**{**TINY, "residual": "block", **kw})
-    assert config.attn_res_block_size == block_size
+    assert config.block_size == block_size
 
 
 def test_reference_config_has_eight_blocks_of_two_sublayers():
     config = AttnResConfig(residual="block", hidden_size=256, num_hidden_layers=8)
-    assert config.attn_res_block_size == 2
+    assert config.block_size == 2
