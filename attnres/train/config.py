@@ -6,6 +6,8 @@ Precedence (later wins): the dataclass defaults < the preset < a YAML file < ``-
 
 from __future__ import annotations
 
+import math
+import os
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -18,8 +20,30 @@ SCHEDULES = ("cosine", "wsd")
 TOKENIZERS = ("bpe", "byte")
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """Bad input from the user (a flag, a config value or file, a run directory, a text file).
+
+    The ``attnres`` command prints these as one line ``attnres: error: ...``; any other exception is
+    a bug and keeps its traceback. A ValueError so that callers catching ValueError still do."""
+
+
+class ConfigError(UserError):
     """A user-facing configuration error (bad key, value or file)."""
+
+
+DEVICES = ("cpu", "cuda", "cuda:N", "mps")
+
+
+def physical_memory() -> int | None:
+    """Bytes of physical RAM (``os.sysconf``), or None where the platform does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:,.1f} GB"
 
 
 @dataclass
@@ -87,6 +111,11 @@ class TrainConfig:
         ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        for f in fields(self):  # nan passes every comparison below, inf breaks the optimizer
+            v = getattr(self, f.name)
+            values = v if isinstance(v, (tuple, list)) else (v,)
+            if any(isinstance(x, float) and not math.isfinite(x) for x in values):
+                raise ConfigError(f"{f.name} must be finite, got {v!r}")
         for name in (
             "hidden_size",
             "num_hidden_layers",
@@ -102,6 +131,7 @@ class TrainConfig:
             "eval_every",
             "checkpoint_every",
             "lr",
+            "rms_norm_eps",
             "probe_batch_size",
         ):
             positive(name)
@@ -119,14 +149,78 @@ class TrainConfig:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         if not 0 < self.decay_fraction <= 1:
             raise ConfigError(f"decay_fraction must be in (0, 1], got {self.decay_fraction!r}")
+        if not 0 <= self.muon_momentum < 1:
+            raise ConfigError(f"muon_momentum must be in [0, 1), got {self.muon_momentum!r}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         if not self.sources:
             raise ConfigError("sources is empty: give at least one corpus name or text file")
         if self.warmup_steps > self.max_steps:
-            raise ConfigError(f"warmup_steps ({self.warmup_steps}) must be <= max_steps ({self.max_steps})")
+            raise ConfigError(
+                f"warmup_steps ({self.warmup_steps}) must be <= max_steps ({self.max_steps}); "
+                f"lower it with --set warmup_steps=N (N <= {self.max_steps}) or raise max_steps"
+            )
         self.model_config()  # AttnResConfig checks the architecture (head divisibility, ...)
+        self.check_device()
+        self.check_memory()
         return self
+
+    def check_device(self) -> None:
+        """``device`` names a device this machine has (a clear error instead of torch's assertion)."""
+        import torch
+
+        try:
+            dev = torch.device(self.device)
+        except (RuntimeError, TypeError, ValueError):
+            raise ConfigError(f"device must be one of {', '.join(DEVICES)}; got {self.device!r}") from None
+        if dev.type == "cpu":
+            return
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+                raise ConfigError(f"device {self.device!r}: CUDA is not available ({why}); use device=cpu")
+            n = torch.cuda.device_count()
+            if dev.index is not None and dev.index >= n:
+                raise ConfigError(f"device {self.device!r}: this machine has {n} CUDA device(s), cuda:0..{n - 1}")
+            return
+        if dev.type == "mps":
+            if not torch.backends.mps.is_available():
+                raise ConfigError(f"device {self.device!r}: MPS is not available here; use device=cpu")
+            return
+        raise ConfigError(f"device must be one of {', '.join(DEVICES)}; got {self.device!r}")
+
+    def memory_estimate(self) -> int:
+        """A rough upper estimate, in bytes, of the memory one training step (and the probes at an
+        evaluation) needs: fp32 activations kept for backward, the logits, parameters and AdamW
+        state, and, with probes on, the materialised attention weights of every layer."""
+        b, t, h, n = self.batch_size, self.seq_len, self.hidden_size, self.num_hidden_layers
+        per_token_layer = 12 * h + 4 * self.intermediate_size + 4 * h * n  # + the residual stream reads
+        activations = 4 * b * t * n * per_token_layer
+        logits = 4 * 3 * b * t * self.vocab_size
+        params = n * (4 * h * h + 3 * h * self.intermediate_size) + 2 * h * self.vocab_size
+        total = activations + logits + 16 * params
+        if self.probes:
+            total += 4 * self.probe_batch_size * self.num_attention_heads * t * t * n
+        return total
+
+    def check_memory(self) -> None:
+        """Refuse a ``seq_len``/``batch_size`` whose step cannot fit in this machine's memory (it would
+        swap or spend minutes inside one step, deaf to Ctrl-C, before failing)."""
+        if self.device.startswith("cuda"):
+            import torch
+
+            limit = torch.cuda.get_device_properties(torch.device(self.device).index or 0).total_memory
+            where = "GPU memory"
+        else:
+            limit, where = physical_memory(), "RAM"
+        need = self.memory_estimate()
+        if limit is not None and need > limit:
+            probes = " (probes materialise seq_len x seq_len attention weights; probes=false drops that)"
+            raise ConfigError(
+                f"seq_len={self.seq_len} with batch_size={self.batch_size} needs about {_gb(need)} of memory "
+                f"per step{probes if self.probes else ''}, more than this machine's {_gb(limit)} of {where}; "
+                f"lower seq_len or batch_size"
+            )
 
     def model_config(self, vocab_size: int | None = None):
         """The :class:`AttnResConfig` of this run (``vocab_size``: the tokenizer's length)."""
@@ -363,6 +457,7 @@ __all__ = [
     "PRESETS",
     "ConfigError",
     "TrainConfig",
+    "UserError",
     "allowed_keys",
     "coerce",
     "config_diff",

@@ -81,6 +81,17 @@ def test_unknown_key_error_lists_the_allowed_keys():
         ("betas=0.9", "2 values"),
         ("noequals", "key=value"),
         ("val_fraction=1.5", "val_fraction"),
+        ("lr=nan", "lr must be finite, got nan"),
+        ("lr=inf", "lr must be finite, got inf"),
+        ("weight_decay=-1", "weight_decay must be >= 0"),
+        ("weight_decay=nan", "weight_decay must be finite"),
+        ("grad_clip=inf", "grad_clip must be finite"),
+        ("betas=0.9,nan", "betas must be finite"),
+        ("rms_norm_eps=0", "rms_norm_eps must be > 0"),
+        ("muon_momentum=1", "muon_momentum must be in"),
+        ("max_steps=3", "lower it with --set warmup_steps=N"),
+        ("device=tpu", "device must be one of"),
+        ("device=cuda:banana", "device must be one of"),
     ],
 )
 def test_bad_values_are_rejected_with_the_offending_value(item, match):
@@ -122,3 +133,37 @@ def test_missing_yaml_and_unknown_preset_are_errors(tmp_path):
 def test_saved_config_round_trips():
     cfg = load_config("smoke", overrides=parse_set(["betas=0.8,0.9", "sources=a,b"]))
     assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_seq_len_that_cannot_fit_in_memory_is_refused(monkeypatch):
+    from attnres.train import config
+
+    cfg = load_config("smoke")
+    monkeypatch.setattr(config, "physical_memory", lambda: 8 * 2**30)
+    cfg.validate()  # the smoke step is far below 8 GiB
+    with pytest.raises(ConfigError, match="seq_len=100000 with batch_size=8 needs about .* RAM"):
+        load_config("smoke", overrides=parse_set(["seq_len=100000"]))
+    with pytest.raises(ConfigError, match="lower seq_len or batch_size"):
+        load_config("smoke", overrides=parse_set(["seq_len=1000000", "probes=false"]))
+
+
+def test_memory_estimate_grows_with_seq_len_and_probes():
+    cfg = load_config("smoke")
+    longer = load_config("smoke", overrides=parse_set(["seq_len=512"]))
+    no_probes = load_config("smoke", overrides=parse_set(["seq_len=512", "probes=false"]))
+    assert cfg.memory_estimate() < no_probes.memory_estimate() < longer.memory_estimate()
+
+
+def test_cuda_without_cuda_is_a_config_error():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(ConfigError, match="device 'cuda': CUDA is not available"):
+        load_config("smoke", overrides=parse_set(["device=cuda"]))
+
+
+def test_user_errors_are_value_errors():
+    from attnres.train.config import UserError
+
+    assert issubclass(ConfigError, UserError) and issubclass(UserError, ValueError)
