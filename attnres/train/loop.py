@@ -16,7 +16,8 @@ the same losses as an uninterrupted one.
 
 Stopping: SIGINT/SIGTERM finish the current step, save a checkpoint and raise
 :class:`TrainingInterrupted`. A non-finite loss or gradient norm raises :class:`NonFiniteLoss`
-without writing a checkpoint, so the last good one stays.
+without writing a checkpoint, so the last good one (if any) stays; a fresh run that fails before
+its first checkpoint removes the files it wrote.
 """
 
 from __future__ import annotations
@@ -44,13 +45,13 @@ from .checkpoint import (
     CheckpointError,
     atomic_write_text,
     find_checkpoint,
+    load_model,
     load_trainer_state,
-    quiet_hf,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
-from .config import ConfigError, TrainConfig, config_diff, config_from_dict
+from .config import ConfigError, TrainConfig, UserError, config_diff, config_from_dict
 from .evaluate import autocast, evaluate
 from .optim import build_optimizers, build_schedulers
 
@@ -84,7 +85,7 @@ class NonFiniteLoss(RuntimeError):
     """The loss or gradient norm became NaN/inf; no checkpoint was written for this step."""
 
 
-class RunExistsError(ValueError):
+class RunExistsError(UserError):
     """OUT already holds a run and neither resume nor overwrite was asked for."""
 
 
@@ -335,6 +336,24 @@ def _restores_threads(fn):
     return wrapper
 
 
+def _discard_partial_run(out: Path, created: bool) -> None:
+    """A fresh run that failed before its first checkpoint: remove what it wrote, so that neither a
+    re-run ("already holds a run") nor ``--resume`` ("no checkpoint") is blocked by it."""
+    if find_checkpoint(out) is not None:
+        return
+    for name in (*RUN_FILES, "checkpoint.tmp", "checkpoint.old"):
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.exists():
+            p.unlink()
+    if created:
+        try:
+            out.rmdir()  # only if empty
+        except OSError:
+            pass
+
+
 @_restores_threads
 def train(
     cfg: TrainConfig | None,
@@ -351,7 +370,18 @@ def train(
     ``cfg=None`` with ``resume=True`` continues with the checkpoint's own config. ``data``: an
     already prepared :class:`attnres.data.TokenData` (``compare`` prepares once for all arms).
     ``cfg.num_threads`` applies for the run only; the caller's torch thread count is restored.
+    A fresh run that fails before its first checkpoint leaves no partial run files behind.
     """
+    fresh: list[tuple[Path, bool]] = []  # (out, created) once a fresh run starts writing into out
+    try:
+        return _train(cfg, out_dir, resume, progress, overwrite, data, label, fresh)
+    except BaseException as e:
+        if fresh and not isinstance(e, TrainingInterrupted):
+            _discard_partial_run(*fresh[0])
+        raise
+
+
+def _train(cfg, out_dir, resume, progress, overwrite, data, label, fresh) -> dict[str, Any]:
     from ..data import Batches
     from ..models import AttnResForCausalLM
 
@@ -368,6 +398,11 @@ def train(
                 "cannot resume with a different config: "
                 + "; ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
             )
+        if state["step"] > cfg.max_steps:
+            raise ConfigError(
+                f"--resume: the checkpoint in {out} is at step {state['step']}, past max_steps="
+                f"{cfg.max_steps}; give max_steps >= {state['step']} (--max-steps N) or leave it out"
+            )
     if cfg is None:
         raise ValueError("train() needs a config unless resuming")
     cfg.validate()
@@ -378,10 +413,12 @@ def train(
     vocab = len(tokenizer)
     for split in ("train", "val"):
         if len(getattr(data, split)) <= cfg.seq_len:
-            raise ValueError(
+            raise ConfigError(
                 f"the {split} split has {len(getattr(data, split))} tokens, fewer than one sequence "
                 f"of seq_len={cfg.seq_len}; give more text or a smaller seq_len"
             )
+    if state is None:
+        fresh.append((out, not out.exists()))
     out.mkdir(parents=True, exist_ok=True)
     device = cfg.device
     if cfg.num_threads is not None:
@@ -390,8 +427,7 @@ def train(
     # model, optimizers, schedules (seeded: the shared weights are identical across residual arms)
     seed_everything(cfg.seed)
     if state is not None:
-        with quiet_hf():
-            model = AttnResForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+        model = load_model(ckpt)  # CheckpointError naming the file if it is truncated/corrupt
         if model.config.vocab_size != vocab:
             raise CheckpointError(
                 f"tokenizer/model vocab mismatch: the data's tokenizer has {vocab} tokens, the "
@@ -404,6 +440,13 @@ def train(
     opts = build_optimizers(model, cfg)
     scheds = build_schedulers(opts, cfg)
     step, tokens = 0, 0
+    saved_step = state["step"] if state is not None else None  # the step of the latest checkpoint
+
+    def kept() -> str:
+        if saved_step is None:
+            return "this run has no checkpoint yet, so there is nothing to resume"
+        return f"the last good checkpoint (step {saved_step}) is kept"
+
     if state is not None:
         for o, s in zip(opts, state["optimizers"], strict=True):
             o.load_state_dict(s)
@@ -501,8 +544,8 @@ def train(
         for p in model.parameters():
             if not torch.isfinite(p).all():
                 raise NonFiniteLoss(
-                    f"parameters became non-finite after step {step}; no checkpoint written, the "
-                    f"last good one is kept. Lower lr or enable grad_clip."
+                    f"parameters became non-finite after step {step}; no checkpoint written, {kept()}. "
+                    f"Lower lr or enable grad_clip."
                 )
         st = {
             "step": step,
@@ -514,7 +557,10 @@ def train(
             "train_config": cfg.to_dict(),
             "params": params,
         }
-        return save_checkpoint(out, model, tokenizer, st, cfg.to_dict())
+        nonlocal saved_step
+        path = save_checkpoint(out, model, tokenizer, st, cfg.to_dict())
+        saved_step = step
+        return path
 
     try:
         with _SignalGuard() as guard:
@@ -532,7 +578,7 @@ def train(
                 if not math.isfinite(loss_sum):
                     raise NonFiniteLoss(
                         f"non-finite training loss ({loss_sum}) at step {step + 1}; stopped without "
-                        f"a checkpoint, the last good one is kept. Lower lr or enable grad_clip."
+                        f"a checkpoint for it, {kept()}. Lower lr or enable grad_clip."
                     )
                 if cfg.grad_clip > 0:
                     gnorm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip).item()
@@ -543,7 +589,7 @@ def train(
                 if not math.isfinite(gnorm):
                     raise NonFiniteLoss(
                         f"non-finite gradient norm ({gnorm}) at step {step + 1}; stopped without a "
-                        f"checkpoint, the last good one is kept. Lower lr or enable grad_clip."
+                        f"checkpoint for it, {kept()}. Lower lr or enable grad_clip."
                     )
                 lr = opts[0].param_groups[0]["lr"]
                 for o in opts:
