@@ -1,15 +1,23 @@
 """The ``attnres`` command.
 
-Exit codes: 0 success; 1 bad input or a failed run (one line ``attnres: error: ...`` on stderr);
-2 bad command-line usage; 3 training stopped on a non-finite loss (no checkpoint written for it);
-130 / 143 stopped by SIGINT / SIGTERM after saving a checkpoint (continue with ``--resume``).
-Set ``ATTNRES_DEBUG=1`` to get the traceback instead of the one-line error.
+Exit codes: 0 success; 1 bad input (one line ``attnres: error: ...`` on stderr); 2 bad command-line
+usage; 3 training stopped on a non-finite loss (no checkpoint written for it); 130 / 143 stopped by
+SIGINT / SIGTERM after saving a checkpoint (continue with ``--resume``).
+
+Only user errors get the one-line message: :class:`attnres.train.config.UserError` (config,
+checkpoint and run-directory errors), a ValueError or ImportError raised by attnres's own code (its
+input checks, e.g. of data sources), and OSError (a file or directory the user named). Anything
+else (a TypeError, a KeyError, an error from inside torch) is a bug and keeps its traceback. Set
+``ATTNRES_DEBUG=1`` to get the traceback of user errors too.
+
+Heavy imports (torch, transformers) happen inside the subcommand handlers, not at module level.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from dataclasses import replace
@@ -17,7 +25,7 @@ from pathlib import Path
 
 EXIT_ERROR, EXIT_USAGE, EXIT_NONFINITE = 1, 2, 3
 EPILOG = (
-    "exit codes: 0 ok, 1 error, 2 usage, 3 non-finite loss (stopped, last checkpoint kept), "
+    "exit codes: 0 ok, 1 error, 2 usage, 3 non-finite loss (stopped; no checkpoint written for it), "
     "130/143 interrupted by SIGINT/SIGTERM (checkpoint saved; continue with --resume)"
 )
 
@@ -30,7 +38,23 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
+def _user_error(message: str) -> Exception:
+    from .train.config import UserError
+
+    return UserError(message)
+
+
+def _positive(name: str, value, allow_zero: bool = False) -> None:
+    """A flag that must be a positive (or, with ``allow_zero``, non-negative) finite number; None is unset."""
+    if value is None:
+        return
+    ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise _user_error(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
 def _demo(args: argparse.Namespace) -> int:
+    _positive("--query-std", args.query_std, allow_zero=True)
     import torch
 
     from .models import AttnResConfig, AttnResForCausalLM
@@ -82,18 +106,51 @@ def _train_config(args, resume_out: Path | None):
     return load_config(args.preset, args.config, overrides)
 
 
-def _train(args: argparse.Namespace) -> int:
-    from .train.loop import train
+def _out(args, default: Path) -> Path:
+    if args.out is None:
+        return default
+    if not args.out.strip():
+        raise _user_error("--out is empty: give a directory")
+    return Path(args.out)
 
-    preset = args.preset or "default"
-    out = Path(args.out) if args.out else Path("runs") / f"train-{preset}-{args.residual or 'block'}"
-    cfg = _train_config(args, out if args.resume else None)
-    summary = train(cfg, out, resume=args.resume, progress=_progress(args), overwrite=args.overwrite)
+
+def _print_summary(summary: dict, out: Path) -> None:
     print(
         f"{summary['residual']}: val_loss {summary['val_loss']:.4f}  ppl {summary['ppl']:.2f}  "
         f"bits/byte {summary['bpb']:.4f}  params {summary['params']:,}  "
         f"tokens/s {summary['tokens_per_s']:,.0f}  -> {out}"
     )
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train.checkpoint import find_checkpoint, load_trainer_state
+    from .train.loop import train
+
+    preset = args.preset or "default"
+    out = _out(args, Path("runs") / f"train-{preset}-{args.residual or 'block'}")
+    cfg = _train_config(args, out if args.resume else None)
+    if args.resume:
+        ckpt = find_checkpoint(out) if out.exists() else None
+        step = int(load_trainer_state(ckpt)["step"]) if ckpt is not None else None
+        if step is not None and step > cfg.max_steps:
+            raise _user_error(
+                f"--resume: the run in {out} is already at step {step}, past max_steps={cfg.max_steps}; "
+                f"give --max-steps N with N > {step} to train on, or leave it out"
+            )
+        if step is not None and step == cfg.max_steps:
+            print(
+                f"{out} is already finished (step {step} of max_steps {cfg.max_steps}); nothing to train. "
+                f"Give --max-steps N with N > {step} to train on."
+            )
+            result = out / "result.json"
+            if result.is_file():
+                try:
+                    _print_summary(json.loads(result.read_text()), out)
+                    return 0
+                except (ValueError, KeyError, TypeError):
+                    pass  # a damaged result.json: train() below rewrites it without training
+    summary = train(cfg, out, resume=args.resume, progress=_progress(args), overwrite=args.overwrite)
+    _print_summary(summary, out)
     return 0
 
 
@@ -102,16 +159,16 @@ def _compare(args: argparse.Namespace) -> int:
     from .train.config import load_config, parse_set
 
     if args.seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+        raise _user_error(f"--seeds must be >= 1, got {args.seeds}")
     overrides = parse_set(args.set)
     for key in ("residual", "seed"):
         if key in overrides:
-            raise ValueError(
+            raise _user_error(
                 f"compare sets {key!r} itself (all three arms; seeds 0..K-1 via --seeds); do not --set it"
             )
     preset = args.preset
     cfg = load_config(preset, args.config, overrides)
-    out = Path(args.out) if args.out else Path("runs") / f"compare-{preset}"
+    out = _out(args, Path("runs") / f"compare-{preset}")
     seeds = list(range(args.seeds))
     runs = compare(
         cfg,
@@ -134,31 +191,37 @@ def _compare(args: argparse.Namespace) -> int:
 def _read_text(path: str) -> str:
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"text file not found: {path}")
+        raise _user_error(f"text file not found: {path}")
     if not p.is_file():
-        raise ValueError(f"not a text file: {path}")
+        raise _user_error(f"not a text file: {path}")
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise _user_error(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not text.strip():
-        raise ValueError(f"text file is empty: {path}")
+        raise _user_error(f"text file is empty: {path}")
     return text
 
 
 def _eval(args: argparse.Namespace) -> int:
+    # 0 is a value, not "unset": only None (the flag left out) takes the default
+    _positive("--seq-len", args.seq_len)
+    _positive("--batch-size", args.batch_size)
+    _positive("--max-batches", args.max_batches)
+    if args.seq_len is not None and args.seq_len < 2:
+        raise _user_error(f"--seq-len must be >= 2 (a window predicts its tokens 2..N), got {args.seq_len}")
     from .data import encode_text
     from .train.checkpoint import load_pretrained
     from .train.evaluate import evaluate
 
     text = _read_text(args.text)
     model, tokenizer, train_cfg = load_pretrained(args.checkpoint)
-    seq_len = (
-        args.seq_len or (train_cfg or {}).get("seq_len") or min(256, model.config.max_position_embeddings)
-    )
+    seq_len = args.seq_len
+    if seq_len is None:
+        seq_len = (train_cfg or {}).get("seq_len") or min(256, model.config.max_position_embeddings)
     tokens = encode_text(tokenizer, text)
     if len(tokens) < seq_len:
-        raise ValueError(
+        raise _user_error(
             f"text shorter than one sequence: {args.text} has {len(tokens)} tokens, seq_len is "
             f"{seq_len} (use --seq-len)"
         )
@@ -188,17 +251,14 @@ def _generate(args: argparse.Namespace) -> int:
     from .train.checkpoint import load_pretrained
 
     if not args.prompt:
-        raise ValueError("--prompt is empty")
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
-    if args.top_k < 0:
-        raise ValueError(f"--top-k must be >= 0, got {args.top_k}")
+        raise _user_error("--prompt is empty")
+    _positive("--max-new-tokens", args.max_new_tokens)
+    _positive("--temperature", args.temperature, allow_zero=True)
+    _positive("--top-k", args.top_k, allow_zero=True)
     model, tokenizer, _ = load_pretrained(args.checkpoint)
     ids = torch.from_numpy(encode_text(tokenizer, args.prompt).astype("int64"))[None]
     if ids.numel() == 0:
-        raise ValueError("--prompt encodes to no tokens")
+        raise _user_error("--prompt encodes to no tokens")
     torch.manual_seed(args.seed)
     sample = args.temperature > 0
     out = model.generate(
@@ -358,10 +418,38 @@ def _one_line(e: BaseException) -> str:
     return text or type(e).__name__
 
 
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def _raised_by_attnres(e: BaseException) -> bool:
+    """The innermost frame of ``e``'s traceback is attnres's own code (one of its ``raise``
+    statements), not torch's, numpy's or the standard library's."""
+    tb = e.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    try:
+        return Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE)
+    except (OSError, ValueError):
+        return False
+
+
+def is_user_error(e: BaseException) -> bool:
+    """Bad input the user can fix (a one-line message), as opposed to a bug (a traceback)."""
+    from .train.config import UserError
+
+    if isinstance(e, UserError):
+        return True
+    if isinstance(e, OSError):  # a path the user named: missing, unreadable, not writable, disk full
+        return True
+    return isinstance(e, (ValueError, ImportError)) and _raised_by_attnres(e)
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     from .train.loop import NonFiniteLoss, TrainingInterrupted
 
-    args = build_parser().parse_args(argv)
     if getattr(args, "argv", "missing") is None:
         args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -375,16 +463,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("attnres: interrupted\n")
         return 130
-    except Exception as e:  # noqa: BLE001 - the CLI's contract: one line, never a traceback
-        if os.environ.get("ATTNRES_DEBUG"):
+    except Exception as e:  # noqa: BLE001 - user errors in one line; anything else is a bug: traceback
+        if os.environ.get("ATTNRES_DEBUG") or not is_user_error(e):
             raise
-        user = isinstance(e, (ValueError, OSError, TypeError, KeyError, ImportError))
-        msg = (
-            _one_line(e)
-            if user
-            else f"{type(e).__name__}: {_one_line(e)} (ATTNRES_DEBUG=1 shows the traceback)"
-        )
-        sys.stderr.write(f"attnres: error: {msg}\n")
+        sys.stderr.write(f"attnres: error: {_one_line(e)}\n")
         return EXIT_ERROR
 
 

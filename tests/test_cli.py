@@ -33,9 +33,7 @@ def data_dir(tmp_path_factory) -> Path:
 def tiny_yaml(tmp_path_factory, corpus, data_dir) -> Path:
     path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
     path.write_text(
-        yaml.safe_dump(
-            {"preset": "smoke", **TINY, "max_steps": 4, "sources": [str(corpus)], "data_dir": str(data_dir)}
-        )
+        yaml.safe_dump({"preset": "smoke", **TINY, "max_steps": 4, "sources": [str(corpus)], "data_dir": str(data_dir)})
     )
     return path
 
@@ -248,9 +246,7 @@ def _foreign_llama(tmp_path):
 
     d = tmp_path / "llama"
     LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
-        )
+        LlamaConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
     ).save_pretrained(d)
     byte_tokenizer().save_pretrained(d)
     return d
@@ -259,9 +255,7 @@ def _foreign_llama(tmp_path):
 def _vocab_mismatch(tmp_path):
     d = tmp_path / "small-vocab"
     AttnResForCausalLM(
-        AttnResConfig(
-            vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
-        )
+        AttnResConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
     ).save_pretrained(d)
     byte_tokenizer().save_pretrained(d)
     return d
@@ -305,7 +299,7 @@ EVAL_CASES = {
     ),
     "corrupt weights": (
         lambda b, t: ["--checkpoint", _corrupt(b), "--text", b["ok_text"]],
-        "cannot load the model",
+        "corrupt",
     ),
     "tokenizer/model vocab mismatch": (
         lambda b, t: ["--checkpoint", _vocab_mismatch(t), "--text", b["ok_text"]],
@@ -424,3 +418,105 @@ def test_demo_still_runs(capsys):
     torch.manual_seed(0)
     rc, out, _ = run(["demo"], capsys)
     assert rc == 0 and "block" in out and "read" in out
+
+
+# ----------------------------------------------------------------------------- user errors vs bugs
+
+
+@pytest.mark.parametrize(
+    "bug",
+    [
+        lambda: {}["missing"],  # KeyError
+        lambda: len(3),  # TypeError
+        lambda: int("x"),  # a ValueError, but not one of attnres's own checks
+        lambda: torch.zeros(2).view(3),  # RuntimeError from inside torch
+    ],
+)
+def test_internal_errors_are_not_turned_into_one_line_messages(bug, monkeypatch):
+    monkeypatch.setattr("attnres.cli._demo", lambda args: bug())
+    with pytest.raises((KeyError, TypeError, ValueError, RuntimeError)):
+        main(["demo"])
+
+
+def test_an_internal_type_error_shows_its_traceback_in_a_real_process():
+    code = "import sys, attnres.cli as c; c._demo = lambda a: len(3); sys.exit(c.main(['demo']))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 1
+    assert "Traceback" in proc.stderr and "TypeError" in proc.stderr
+    assert "attnres: error" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "flag, value", [("--seq-len", 0), ("--seq-len", -3), ("--max-batches", 0), ("--batch-size", 0)]
+)
+def test_eval_zero_is_an_error_not_the_default(flag, value, trained, corpus, capsys):
+    rc, out, err = run(["eval", "--checkpoint", trained, "--text", corpus / "doc0.txt", flag, value], capsys)
+    assert_one_line_error(rc, err, f"{flag} must be > 0, got {value}")
+    assert out == ""
+
+
+def test_demo_rejects_a_negative_query_std_before_printing(capsys):
+    rc, out, err = run(["demo", "--query-std", -1], capsys)
+    assert_one_line_error(rc, err, "--query-std must be >= 0, got -1.0")
+    assert out == ""
+
+
+def _train_argv(tiny_yaml, out, data_dir, *extra):
+    return ["train", "--config", tiny_yaml, "--out", out, "--no-progress", "--set", f"data_dir={data_dir}", *extra]
+
+
+@pytest.mark.parametrize(
+    "item, match",
+    [
+        ("lr=nan", "lr must be finite, got nan"),
+        ("lr=inf", "lr must be finite, got inf"),
+        ("weight_decay=-0.1", "weight_decay must be >= 0"),
+        ("eps=nan", "eps must be finite"),
+        ("seq_len=10000000", "seq_len=10000000 with batch_size=4 needs about"),
+        ("device=tpu", "device must be one of cpu, cuda"),
+    ],
+)
+def test_bad_values_are_rejected_before_the_run_dir_is_made(item, match, tmp_path, tiny_yaml, data_dir, capsys):
+    out = tmp_path / "out"
+    rc, _, err = run(_train_argv(tiny_yaml, out, data_dir, "--set", item), capsys)
+    assert_one_line_error(rc, err, match)
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda_is_a_clear_error(tmp_path, tiny_yaml, data_dir, capsys):
+    rc, _, err = run(_train_argv(tiny_yaml, tmp_path / "out", data_dir, "--set", "device=cuda"), capsys)
+    assert_one_line_error(rc, err, "device 'cuda': CUDA is not available")
+    assert "AssertionError" not in err and not (tmp_path / "out").exists()
+
+
+def test_warmup_above_max_steps_names_the_setting(capsys):
+    rc, _, err = run(["train", "--preset", "smoke", "--max-steps", 3], capsys)
+    assert_one_line_error(rc, err, "warmup_steps (6) must be <= max_steps (3); lower it with --set warmup_steps=N")
+
+
+def test_a_diverging_fresh_run_says_it_has_no_checkpoint_and_leaves_nothing(tmp_path, tiny_yaml, data_dir, capsys):
+    out = tmp_path / "out"
+    diverge = ["--set", "lr=1e12", "--set", "grad_clip=0", "--set", "warmup_steps=0"]
+    rc, _, err = run(_train_argv(tiny_yaml, out, data_dir, *diverge), capsys)
+    assert rc == 3, err
+    assert "has no checkpoint yet" in err and "last good" not in err
+    assert not out.exists()  # nothing half-made blocks the re-run
+    rc, _, err = run(_train_argv(tiny_yaml, out, data_dir), capsys)
+    assert rc == 0, err
+
+
+def test_resume_below_the_checkpoint_step_is_refused(trained, capsys):
+    before = (trained / "metrics.jsonl").read_bytes()
+    rc, _, err = run(["train", "--out", trained, "--resume", "--no-progress", "--max-steps", 2], capsys)
+    assert_one_line_error(rc, err, "already at step 4, past max_steps=2")
+    assert (trained / "metrics.jsonl").read_bytes() == before
+
+
+def test_resume_of_a_finished_run_says_it_is_finished(trained, capsys):
+    before = (trained / "metrics.jsonl").read_bytes()
+    rc, out, err = run(["train", "--out", trained, "--resume", "--no-progress"], capsys)
+    assert rc == 0, err
+    assert "already finished (step 4 of max_steps 4); nothing to train" in out
+    assert "val_loss" in out
+    assert (trained / "metrics.jsonl").read_bytes() == before
