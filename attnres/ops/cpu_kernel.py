@@ -30,13 +30,15 @@ _failed: str | None = None
 
 
 def _name() -> str:
-    """Extension name keyed by the CPU's feature flags and torch version: ``-march=native`` builds must not be
-    shared between different CPUs through a common cache directory."""
+    """Extension name keyed by the CPU's feature flags, torch version and this installation (interpreter
+    prefix and package path): ``-march=native`` builds must not be shared between CPUs, and two checkouts
+    or venvs sharing the cache directory must not rebuild over each other's build."""
     try:
         flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
     except OSError:
         flags = ""
-    key = "|".join([platform.machine(), platform.processor(), flags, torch.__version__, *_FLAGS])
+    key = "|".join([platform.machine(), platform.processor(), flags, torch.__version__, *_FLAGS,
+                    sys.prefix, str(_SOURCE.resolve())])
     return "attnres_read_cpu_" + hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
@@ -54,8 +56,10 @@ def load():
             from torch.utils import cpp_extension
 
             name = _name()
-            if not Path(cpp_extension._get_build_directory(name, False), f"{name}.so").exists():
-                print("[attnres] building the fused CPU read (once, ~30-60 s)", file=sys.stderr)
+            built = Path(cpp_extension._get_build_directory(name, False), f"{name}.so")
+            if not built.exists() or built.stat().st_mtime < _SOURCE.stat().st_mtime:
+                print(f"[attnres] building the fused CPU read (once per installation, ~30-60 s) in {built.parent}",
+                      file=sys.stderr, flush=True)
             try:
                 _ext = cpp_extension.load(
                     name=name, sources=[str(_SOURCE)], extra_cflags=_FLAGS, verbose=False,

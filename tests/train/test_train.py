@@ -18,6 +18,7 @@ from attnres.cli import main
 from attnres.train import find_checkpoint, read_metrics, train
 from attnres.train.checkpoint import load_trainer_state
 
+from .._stderr import attnres_lines
 from .helpers import TINY, losses
 
 SLOW_CLI = Path(__file__).with_name("slow_cli.py")
@@ -138,8 +139,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path, run_yaml, reference)
     _wait_for_step(proc, out, 1)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 143
-    err = proc.stderr.read().strip()
-    assert err.count("\n") == 0 and "SIGTERM" in err and "--resume" in err
+    (err,) = attnres_lines(proc.stderr.read())
+    assert "SIGTERM" in err and "--resume" in err
     last = max(s for s, _ in losses(out))
     assert last < 12 and _ckpt_step(out) == last  # stopped early, checkpoint at the last finished step
     assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 0
