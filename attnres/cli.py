@@ -61,6 +61,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     ids = torch.randint(0, 8192, (1, 32))
+    print(f"Untrained models on random tokens. The AttnRes depth weights below come from random pseudo-queries "
+          f"(std {args.query_std}, seed {args.seed}); a trained model's differ (see `attnres train`).")
     for residual in ("standard", "full", "block"):
         config = AttnResConfig(residual=residual)
         model = AttnResForCausalLM(config).eval()
@@ -73,7 +75,7 @@ def _demo(args: argparse.Namespace) -> int:
                 model(ids)
         n = sum(p.numel() for p in model.parameters())
         extra = sum(p.numel() for name, p in model.named_parameters() if "residual" in name)
-        size = f"block size {config.attn_res_block_size} sublayers" if config.attn_res_block_size else ""
+        size = f"block size {config.block_size} sublayers" if config.block_size else ""
         print(f"\n{residual:8s} params {n:,} (AttnRes {extra:,}) {size}")
         for r in reads:
             if r.weights is not None:
@@ -287,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = sub.add_parser(
-        "demo", help="build the three reference models and print their depth-attention weights"
+        "demo", help="build the three reference models and print depth-attention weights from random "
+        "pseudo-queries (untrained)"
     )
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.add_argument(

@@ -418,6 +418,8 @@ def test_demo_still_runs(capsys):
     torch.manual_seed(0)
     rc, out, _ = run(["demo"], capsys)
     assert rc == 0 and "block" in out and "read" in out
+    assert "random pseudo-queries (std 0.5, seed 0)" in out.splitlines()[0]
+    assert "block size 2 sublayers" in out  # the resolved S of the reference config
 
 
 # ----------------------------------------------------------------------------- user errors vs bugs
