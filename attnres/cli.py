@@ -158,7 +158,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from .train.compare import compare, print_table, table_rows
-    from .train.config import load_config, parse_set
+    from .train.config import load_config, parse_set, read_yaml
 
     if args.seeds < 1:
         raise _user_error(f"--seeds must be >= 1, got {args.seeds}")
@@ -181,6 +181,8 @@ def _compare(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=_progress(args),
         argv=sys.argv[1:] if args.argv is None else args.argv,
+        # what the user chose on this command line; on --resume it applies over the arms' saved config
+        overrides=set(overrides) | (set(read_yaml(args.config)) - {"preset"} if args.config else set()),
     )
     print_table(table_rows(runs), f"attnres compare --preset {preset} (seeds {', '.join(map(str, seeds))})")
     print(f"report: {out / 'report.md'}  summary: {out / 'summary.json'}")

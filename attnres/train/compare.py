@@ -22,12 +22,13 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from .checkpoint import atomic_write_text, find_checkpoint, load_trainer_state
-from .config import PRESETS, ConfigError, TrainConfig, config_from_dict, load_config, parse_set, read_yaml
+from .config import PRESETS, ConfigError, TrainConfig, config_from_dict, load_config
 from .loop import (
     RESUMABLE_KEYS,
     RunExistsError,
@@ -338,31 +339,9 @@ def _fmt_differences(diff: dict[str, dict[str, Any]]) -> str:
     )
 
 
-def _argv_keys(argv: list[str] | None) -> set[str] | None:
-    """The config keys an ``attnres compare ...`` command line names (``--set`` and ``--config``);
-    None when ``argv`` is not such a command line."""
-    if not argv or str(argv[0]) != "compare":
-        return None
-    from ..cli import build_parser
-
-    try:
-        args = build_parser().parse_args([str(a) for a in argv])
-        keys = set(parse_set(args.set))
-        if args.config is not None:
-            keys |= set(read_yaml(args.config)) - {"preset"}
-    except (SystemExit, ValueError, OSError):
-        return None
-    return keys
-
-
-def explicit_keys(cfg: TrainConfig, preset: str, argv: list[str] | None = None) -> dict[str, Any]:
-    """The keys of ``cfg`` the user chose: those ``argv`` (an ``attnres compare`` command line) names
-    with ``--set`` or in its ``--config`` file; without such an ``argv``, those that differ from
-    ``preset`` (every key, for a preset that is not one of PRESETS)."""
+def explicit_keys(cfg: TrainConfig, preset: str) -> dict[str, Any]:
+    """The keys of ``cfg`` that differ from ``preset`` (every key, for a preset not in PRESETS)."""
     now = cfg.to_dict()
-    named = _argv_keys(argv)
-    if named is not None:
-        return {k: v for k, v in now.items() if k in named and k not in ARM_KEYS}
     if preset not in PRESETS:
         return {k: v for k, v in now.items() if k not in ARM_KEYS}
     base = load_config(preset).to_dict()
@@ -493,13 +472,14 @@ def compare(
     overwrite: bool = False,
     progress: bool = True,
     argv: list[str] | None = None,
-    overrides: dict[str, Any] | None = None,
+    overrides: Iterable[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Train every arm for every seed into ``out_dir``; write summary.json, report.md and plots.
 
-    ``resume``: the arms' saved config is the base (see :func:`resume_config`); the keys in
-    ``overrides`` (default: the keys in which ``cfg`` differs from ``preset``, i.e. what --config and
-    --set chose) apply over it, and may only be ``loop.RESUMABLE_KEYS`` or equal to the saved values.
+    ``resume``: the arms' saved config is the base (see :func:`resume_config`); the keys named in
+    ``overrides`` (the CLI passes what --set and --config chose; default: the keys in which ``cfg``
+    differs from ``preset``) apply over it with ``cfg``'s values, and may only be
+    ``loop.RESUMABLE_KEYS`` or equal to the saved values.
     Arms with a checkpoint continue from it (finished ones are kept as they are unless ``max_steps``
     grew), missing ones start. Without ``resume`` or ``overwrite``, an ``out_dir`` that already
     holds runs is refused. Raises :class:`ConfigError` instead of writing a report over arms that
@@ -519,7 +499,7 @@ def compare(
     cfg.validate()
     argv = list(sys.argv[1:] if argv is None else argv)
     if resume:
-        explicit = explicit_keys(cfg, preset, argv) if overrides is None else {
+        explicit = explicit_keys(cfg, preset) if overrides is None else {
             k: getattr(cfg, k) for k in overrides if k not in ARM_KEYS
         }
         cfg = resume_config(cfg, dirs, explicit)
