@@ -4,6 +4,12 @@
 (``save_pretrained``), ``train_config.json`` and ``trainer_state.pt`` (optimizer and scheduler
 states, torch/numpy/python RNG states, step, tokens seen, byte offset of ``metrics.jsonl``).
 
+Loading a checkpoint never runs code from it: ``trainer_state.pt`` holds only tensors and plain
+ints/floats/str/None/lists/dicts (the numpy and python RNG states are stored as int64 tensors, see
+:func:`rng_state`) and is read with ``torch.load(weights_only=True)``. A state file that needs
+more (a pickled object, or the numpy arrays of a checkpoint written before this format) is
+refused with a :class:`CheckpointError`, never unpickled.
+
 A save writes ``checkpoint.tmp`` completely, renames the current ``checkpoint`` to
 ``checkpoint.old``, renames ``checkpoint.tmp`` to ``checkpoint`` and only then deletes
 ``checkpoint.old``. A crash at any point leaves a complete checkpoint under ``checkpoint`` or
@@ -15,8 +21,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import random
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -57,16 +65,39 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The torch (CPU, and CUDA if present), numpy and python RNG states, in a form that
+    ``torch.load(weights_only=True)`` accepts: tensors and plain ints/floats/str/None."""
+    kind, key, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": str(kind),
+            "key": torch.from_numpy(np.asarray(key, dtype=np.int64)),  # uint32 words, exact in int64
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "python": {
+            "version": int(version),
+            "state": torch.tensor(internal, dtype=torch.int64),  # 624 uint32 words and the index
+            "gauss_next": None if gauss_next is None else float(gauss_next),
+        },
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(
+        (n["kind"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -134,12 +165,39 @@ def find_checkpoint(out_dir: str | Path) -> Path | None:
     return None
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def load_trainer_state(ckpt: Path) -> dict[str, Any]:
+    """The trainer state of ``ckpt``, read with ``weights_only=True``: never runs code from the file.
+
+    A file that needs anything beyond tensors and plain Python values (a pickled object, or the
+    numpy RNG arrays of the older format) is refused, not unpickled.
+    """
+    path = Path(ckpt) / STATE_FILE
     try:
-        # our own file: it holds numpy/python RNG states, which weights_only=True refuses
-        return torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
-        raise CheckpointError(f"cannot read {ckpt / STATE_FILE}: {e}") from None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch.save writes a zip; anything else reached torch's legacy loader as garbage
+        if not zipfile.is_zipfile(path):
+            raise CheckpointError(f"{path} is corrupt or truncated: not a torch.save zip archive") from None
+        if "weights only load failed" not in str(e).lower():
+            raise CheckpointError(f"{path} is corrupt or truncated: {_first_line(e)}") from None
+        raise CheckpointError(
+            f"refusing to load {path}: it is in an old or unsafe format (it holds pickled Python "
+            f"objects beyond tensors and plain values, e.g. a trainer state written by an older "
+            f"attnres, which kept numpy RNG arrays); it was not unpickled. Start the run afresh "
+            f"(--overwrite) or resume it with the attnres version that wrote it"
+        ) from None
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except Exception as e:  # noqa: BLE001 - a bad zip/stream surfaces as many exception types
+        raise CheckpointError(f"{path} is corrupt or truncated: {_first_line(e)}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not an attnres trainer state (holds a {type(state).__name__})")
+    return state
 
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:

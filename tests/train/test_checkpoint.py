@@ -1,7 +1,9 @@
 """Checkpoints: a crash mid-save never loses the previous one; state round-trips."""
 
 import os
+import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -84,12 +86,89 @@ def test_a_later_save_replaces_the_checkpoint(tmp_path):
 
 
 def test_rng_state_round_trips():
-    import random
-
-    import numpy as np
-
     state = ck.rng_state()
     a = (torch.rand(3), np.random.rand(3), random.random())
     ck.set_rng_state(state)
     b = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(a[0], b[0]) and (a[1] == b[1]).all() and a[2] == b[2]
+
+
+# ----------------------------------------------------------------------------- safe loading
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, corpus, data_dir):
+    """A real run's checkpoint (optimizer/scheduler/RNG states); tests copy it before changing it."""
+    from attnres.train import train
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    cfg = load_config(
+        "smoke",
+        overrides={**TINY, "sources": [str(corpus)], "data_dir": str(data_dir), "max_steps": 4},
+    )
+    train(cfg, out, progress=False)
+    return out
+
+
+def test_a_real_trainer_state_loads_with_weights_only(trained):
+    path = find_checkpoint(trained) / "trainer_state.pt"
+    state = torch.load(path, map_location="cpu", weights_only=True)  # no pickled objects in it
+    assert state["step"] == 4 and {"torch", "numpy", "python"} <= set(state["rng"])
+    assert ck.load_trainer_state(find_checkpoint(trained))["step"] == 4
+
+
+def test_rng_state_survives_a_weights_only_round_trip(tmp_path):
+    np.random.seed(123)
+    random.seed(456)
+    random.gauss(0, 1)  # a cached gaussian in the python state
+    np.random.standard_normal()  # ...and in numpy's
+    torch.save({"rng": ck.rng_state()}, tmp_path / "s.pt")
+    a = (torch.rand(3), np.random.rand(3), random.random(), np.random.standard_normal(), random.gauss(0, 1))
+    ck.set_rng_state(torch.load(tmp_path / "s.pt", weights_only=True)["rng"])
+    b = (torch.rand(3), np.random.rand(3), random.random(), np.random.standard_normal(), random.gauss(0, 1))
+    assert torch.equal(a[0], b[0]) and (a[1] == b[1]).all() and a[2:] == b[2:]
+
+
+class _TouchOnUnpickle:
+    """Unpickling this creates ``path``: the side effect a safe load must never let happen."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_state_file_carrying_a_pickled_object_is_refused_and_never_run(tmp_path):
+    _save(tmp_path, _model(0), 1)
+    state_file = tmp_path / "checkpoint" / "trainer_state.pt"
+    marker = tmp_path / "pwned"
+    torch.save({"step": 1, "payload": _TouchOnUnpickle(marker)}, state_file)
+    with pytest.raises(ck.CheckpointError) as e:
+        ck.load_trainer_state(find_checkpoint(tmp_path))
+    assert str(state_file) in str(e.value) and "unsafe" in str(e.value)
+    assert not marker.exists()  # nothing from the file ran
+    torch.load(state_file, weights_only=False)  # the payload is real: an unsafe load does run it
+    assert marker.exists()
+
+
+def test_an_old_format_state_file_is_refused_naming_the_file(tmp_path):
+    _save(tmp_path, _model(0), 1)
+    state_file = tmp_path / "checkpoint" / "trainer_state.pt"
+    old_rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    torch.save({"step": 1, "rng": old_rng}, state_file)  # what attnres wrote before (numpy arrays)
+    with pytest.raises(ck.CheckpointError, match="old or unsafe format") as e:
+        ck.load_trainer_state(find_checkpoint(tmp_path))
+    assert str(state_file) in str(e.value)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a torch file" * 8, "truncate"])
+def test_a_corrupt_state_file_names_the_file(tmp_path, content):
+    _save(tmp_path, _model(0), 1)
+    state_file = tmp_path / "checkpoint" / "trainer_state.pt"
+    if content == "truncate":
+        content = state_file.read_bytes()[:-20]
+    state_file.write_bytes(content)
+    with pytest.raises(ck.CheckpointError, match="corrupt or truncated") as e:
+        ck.load_trainer_state(find_checkpoint(tmp_path))
+    assert str(state_file) in str(e.value)
