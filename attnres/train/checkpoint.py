@@ -10,6 +10,9 @@ ints/floats/str/None/lists/dicts (the numpy and python RNG states are stored as 
 more (a pickled object, or the numpy arrays of a checkpoint written before this format) is
 refused with a :class:`CheckpointError`, never unpickled.
 
+Every file in a checkpoint gets the mode a new file gets under the umask (0644 under umask 022),
+including ``model.safetensors``, which ``safetensors`` itself writes as 0600.
+
 A save writes ``checkpoint.tmp`` completely, renames the current ``checkpoint`` to
 ``checkpoint.old``, renames ``checkpoint.tmp`` to ``checkpoint`` and only then deletes
 ``checkpoint.old``. A crash at any point leaves a complete checkpoint under ``checkpoint`` or
@@ -116,6 +119,30 @@ def quiet_hf():
             hf_logging.enable_progress_bar()
 
 
+def _umask() -> int:
+    try:  # Linux >= 4.7: read it without changing it (os.umask would, briefly, for every thread)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _normalize_modes(root: Path) -> None:
+    """Give every file under ``root`` the mode a new file gets under the umask (0644 under 022).
+
+    ``safetensors``' ``save_file`` (as of 0.8) writes ``model.safetensors`` as 0600 whatever the
+    umask, while everything else in the checkpoint is created with the umask's mode.
+    """
+    mode = 0o666 & ~_umask()
+    for p in root.rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            os.chmod(p, mode)
+
+
 def _commit(out: Path, tmp: Path) -> None:
     """checkpoint.tmp -> checkpoint, keeping the previous one as checkpoint.old until done."""
     final, old = out / CHECKPOINT, out / (CHECKPOINT + ".old")
@@ -147,6 +174,7 @@ def save_checkpoint(
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
+    _normalize_modes(tmp)
     _commit(out, tmp)
     return out / CHECKPOINT
 

@@ -2,6 +2,7 @@
 
 import os
 import random
+import stat
 
 import numpy as np
 import pytest
@@ -172,3 +173,18 @@ def test_a_corrupt_state_file_names_the_file(tmp_path, content):
     with pytest.raises(ck.CheckpointError, match="corrupt or truncated") as e:
         ck.load_trainer_state(find_checkpoint(tmp_path))
     assert str(state_file) in str(e.value)
+
+
+# ----------------------------------------------------------------------------- file modes
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_every_checkpoint_file_gets_the_umask_mode(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        path = _save(tmp_path, _model(0), 1)
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in path.iterdir() if p.is_file()}
+    assert "model.safetensors" in modes  # safetensors alone writes it as 0600
+    assert modes == dict.fromkeys(modes, mode)
