@@ -8,7 +8,8 @@ Loading a checkpoint never runs code from it: ``trainer_state.pt`` holds only te
 ints/floats/str/None/lists/dicts (the numpy and python RNG states are stored as int64 tensors, see
 :func:`rng_state`) and is read with ``torch.load(weights_only=True)``. A state file that needs
 more (a pickled object, or the numpy arrays of a checkpoint written before this format) is
-refused with a :class:`CheckpointError`, never unpickled.
+refused with a :class:`CheckpointError`, never unpickled. Weights are checked before they load: a
+truncated or corrupt ``model.safetensors`` is a :class:`CheckpointError` naming the file.
 
 Every file in a checkpoint gets the mode a new file gets under the umask (0644 under umask 022),
 including ``model.safetensors``, which ``safetensors`` itself writes as 0600.
@@ -243,11 +244,47 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     return path
 
 
+def _check_weights(ckpt: Path) -> None:
+    """Every safetensors file of ``ckpt`` opens and its header covers the file exactly."""
+    from safetensors import safe_open
+
+    single, index = ckpt / "model.safetensors", ckpt / "model.safetensors.index.json"
+    if single.exists():
+        files = [single]
+    elif index.exists():
+        try:
+            files = [ckpt / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index} is corrupt: {_first_line(e)}") from None
+    else:
+        raise CheckpointError(f"{ckpt} has no model.safetensors")
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"{f} is missing (listed in {index})")
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ...
+            raise CheckpointError(f"{f} is corrupt or truncated: {_first_line(e)}") from None
+
+
+def load_model(ckpt: str | Path):
+    """The float32 :class:`AttnResForCausalLM` saved in ``ckpt``; :class:`CheckpointError` (naming
+    the file) if its weights are missing, truncated or corrupt."""
+    from ..models import AttnResForCausalLM
+
+    ckpt = Path(ckpt)
+    _check_weights(ckpt)
+    try:
+        with quiet_hf():
+            return AttnResForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    except Exception as e:  # noqa: BLE001 - corrupt weights surface as many exception types
+        raise CheckpointError(f"cannot load the model in {ckpt}: {_first_line(e)}") from None
+
+
 def load_pretrained(path: str | Path):
     """(model, tokenizer, train_config dict or None) from a checkpoint or run directory, validated."""
     from transformers import PreTrainedTokenizerFast
-
-    from ..models import AttnResForCausalLM
 
     ckpt = resolve_checkpoint_dir(path)
     try:
@@ -257,14 +294,7 @@ def load_pretrained(path: str | Path):
     if not isinstance(config, dict) or config.get("model_type") != "attnres":
         mt = config.get("model_type") if isinstance(config, dict) else None
         raise CheckpointError(f"{ckpt} holds a {mt!r} model, not an attnres model (model_type 'attnres')")
-    if not any((ckpt / f).exists() for f in ("model.safetensors", "model.safetensors.index.json")):
-        raise CheckpointError(f"{ckpt} has no model.safetensors")
-    try:
-        with quiet_hf():
-            model = AttnResForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
-    except Exception as e:  # noqa: BLE001 - corrupt weights surface as many exception types
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot load the model in {ckpt}: {msg}") from None
+    model = load_model(ckpt)
     if not (ckpt / "tokenizer.json").exists():
         raise CheckpointError(f"{ckpt} has no tokenizer.json")
     try:

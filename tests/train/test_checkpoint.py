@@ -2,6 +2,7 @@
 
 import os
 import random
+import shutil
 import stat
 
 import numpy as np
@@ -111,6 +112,12 @@ def trained(tmp_path_factory, corpus, data_dir):
     return out
 
 
+def _copy(run, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(run, dst)
+    return dst
+
+
 def test_a_real_trainer_state_loads_with_weights_only(trained):
     path = find_checkpoint(trained) / "trainer_state.pt"
     state = torch.load(path, map_location="cpu", weights_only=True)  # no pickled objects in it
@@ -188,3 +195,31 @@ def test_every_checkpoint_file_gets_the_umask_mode(tmp_path, umask, mode):
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in path.iterdir() if p.is_file()}
     assert "model.safetensors" in modes  # safetensors alone writes it as 0600
     assert modes == dict.fromkeys(modes, mode)
+
+
+# ----------------------------------------------------------------------------- corrupt weights
+
+
+def _truncate_weights(ckpt):
+    weights = ckpt / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    return weights
+
+
+def test_load_pretrained_on_truncated_weights_names_the_file(tmp_path):
+    weights = _truncate_weights(_save(tmp_path, _model(0), 1))
+    with pytest.raises(ck.CheckpointError, match="corrupt or truncated") as e:
+        load_pretrained(tmp_path)
+    assert str(weights) in str(e.value)
+
+
+def test_resume_on_truncated_weights_is_a_one_line_error_naming_the_file(trained, tmp_path, capsys):
+    from attnres.cli import main
+
+    out = _copy(trained, tmp_path)
+    weights = _truncate_weights(find_checkpoint(out))
+    assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "SafetensorError" not in err
+    assert f"{weights} is corrupt or truncated" in err
