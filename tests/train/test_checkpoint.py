@@ -219,7 +219,8 @@ def test_resume_on_truncated_weights_is_a_one_line_error_naming_the_file(trained
 
     out = _copy(trained, tmp_path)
     weights = _truncate_weights(find_checkpoint(out))
-    assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 1
+    # --max-steps past the checkpoint's step: resuming a finished run stops before loading weights
+    assert main(["train", "--out", str(out), "--resume", "--max-steps", "8", "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err and "SafetensorError" not in err
     assert f"{weights} is corrupt or truncated" in err
