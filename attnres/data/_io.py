@@ -1,4 +1,4 @@
-"""Small file helpers for the data cache: atomic writes, checksums, a lock, progress lines."""
+"""Small file helpers for the data cache: its location, atomic writes, checksums, a lock, progress lines."""
 
 from __future__ import annotations
 
@@ -12,6 +12,28 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+DATA_DIR_ENV = "ATTNRES_DATA"
+
+
+def default_data_dir() -> Path:
+    """The user-level corpus cache, the same whatever the current directory: ``$ATTNRES_DATA`` if set,
+    else ``$XDG_CACHE_HOME/attnres`` (an absolute ``XDG_CACHE_HOME`` only, as the XDG spec says), else
+    ``~/.cache/attnres``. Always an absolute path."""
+    env = os.environ.get(DATA_DIR_ENV, "").strip()
+    if env:
+        return Path(os.path.abspath(Path(env).expanduser()))
+    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
+    return Path(os.path.abspath(base / "attnres"))
+
+
+def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
+    """``data_dir`` as an absolute path (``~`` expanded, relative to the current directory);
+    None or ``""``: :func:`default_data_dir`."""
+    if data_dir is None or not str(data_dir).strip():
+        return default_data_dir()
+    return Path(os.path.abspath(Path(data_dir).expanduser()))
 
 
 def _tmp_name(path: Path) -> Path:

