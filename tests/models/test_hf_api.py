@@ -106,7 +106,8 @@ def test_attnres_hidden_states_are_the_layer_reads(residual):
     assert len(h) == 4 and torch.equal(h[0], model.model.embed_tokens(x))
     for layer in (1, 2):  # the attention read of decoder layer `layer` is read point 2 * layer
         rms = h[layer].pow(2).mean().sqrt().item()
-        assert reads[2 * layer].read == 2 * layer and rms == pytest.approx(reads[2 * layer].hidden_rms, rel=1e-6)  # recorded in fp32
+        recorded = reads[2 * layer]
+        assert recorded.read == 2 * layer and rms == pytest.approx(recorded.hidden_rms, rel=1e-6)  # fp32 record
     for p in out.attentions:
         assert p.shape == (2, 4, 11, 11)
         torch.testing.assert_close(p.sum(-1), torch.ones(2, 4, 11, dtype=p.dtype))
