@@ -126,14 +126,18 @@ def _print_summary(summary: dict, out: Path) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from .train.checkpoint import find_checkpoint, load_trainer_state
-    from .train.loop import train
+    from .train.config import config_from_dict
+    from .train.loop import check_resumable, train
 
     preset = args.preset or "default"
     out = _out(args, Path("runs") / f"train-{preset}-{args.residual or 'block'}")
     cfg = _train_config(args, out if args.resume else None)
     if args.resume:
         ckpt = find_checkpoint(out) if out.exists() else None
-        step = int(load_trainer_state(ckpt)["step"]) if ckpt is not None else None
+        state = load_trainer_state(ckpt) if ckpt is not None else None
+        step = int(state["step"]) if state is not None else None
+        if state is not None:
+            check_resumable(config_from_dict(state["train_config"]), cfg)
         if step is not None and step > cfg.max_steps:
             raise _user_error(
                 f"--resume: the run in {out} is already at step {step}, past max_steps={cfg.max_steps}; "

@@ -381,6 +381,16 @@ def train(
         raise
 
 
+def check_resumable(saved: TrainConfig, cfg: TrainConfig) -> None:
+    """Raise ConfigError if ``cfg`` changes a key of a saved run that may not change on resume."""
+    diff = {k: v for k, v in config_diff(saved, cfg).items() if k not in RESUMABLE_KEYS}
+    if diff:
+        raise ConfigError(
+            "cannot resume with a different config: "
+            + "; ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+        )
+
+
 def _train(cfg, out_dir, resume, progress, overwrite, data, label, fresh) -> dict[str, Any]:
     from ..data import Batches
     from ..models import AttnResForCausalLM
@@ -392,12 +402,7 @@ def _train(cfg, out_dir, resume, progress, overwrite, data, label, fresh) -> dic
         saved = config_from_dict(state["train_config"])
         if cfg is None:
             cfg = saved
-        diff = {k: v for k, v in config_diff(saved, cfg).items() if k not in RESUMABLE_KEYS}
-        if diff:
-            raise ConfigError(
-                "cannot resume with a different config: "
-                + "; ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-            )
+        check_resumable(saved, cfg)
         if state["step"] > cfg.max_steps:
             raise ConfigError(
                 f"--resume: the checkpoint in {out} is at step {state['step']}, past max_steps="
