@@ -35,12 +35,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from .config import UserError
+
 CHECKPOINT = "checkpoint"
 STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "train_config.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that is missing, corrupt, or not ours."""
 
 
