@@ -136,14 +136,8 @@ def _train(args: argparse.Namespace) -> int:
         ckpt = find_checkpoint(out) if out.exists() else None
         state = load_trainer_state(ckpt) if ckpt is not None else None
         step = int(state["step"]) if state is not None else None
-        if state is not None:
+        if step == cfg.max_steps:  # train() refuses a changed config or a step past max_steps
             check_resumable(config_from_dict(state["train_config"]), cfg)
-        if step is not None and step > cfg.max_steps:
-            raise _user_error(
-                f"--resume: the run in {out} is already at step {step}, past max_steps={cfg.max_steps}; "
-                f"give --max-steps N with N > {step} to train on, or leave it out"
-            )
-        if step is not None and step == cfg.max_steps:
             print(
                 f"{out} is already finished (step {step} of max_steps {cfg.max_steps}); nothing to train. "
                 f"Give --max-steps N with N > {step} to train on."

@@ -39,10 +39,10 @@ def _take_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | N
     return cache if cache is not None else past_key_values
 
 
-def _check_kwargs(kwargs: dict, where: str) -> None:
+def _check_kwargs(kwargs: dict, owner: nn.Module) -> None:
     unknown = sorted(set(kwargs) - CONVENTION_KWARGS)
     if unknown:
-        raise TypeError(f"{where}() got unexpected keyword argument(s): {', '.join(unknown)}")
+        raise TypeError(f"{type(owner).__name__}.forward() got unexpected keyword argument(s): {', '.join(unknown)}")
 
 
 class RMSNorm(nn.Module):
@@ -222,7 +222,7 @@ class AttnResModel(AttnResPreTrainedModel):
         """``hidden_states`` (with ``output_hidden_states``): the embedding, then the residual each
         later decoder layer reads (for standard: the running sum, as Llama), then the final normed
         output. ``attentions``: each layer's attention probabilities, computed explicitly."""
-        _check_kwargs(kwargs, type(self).__name__ + ".forward")
+        _check_kwargs(kwargs, self)
         cache = _take_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
@@ -317,7 +317,7 @@ class AttnResForCausalLM(AttnResPreTrainedModel, GenerationMixin):
         """``labels`` (same shape as ``input_ids``, -100 = ignore) give the next-token cross-entropy,
         averaged over the labelled tokens, or summed and divided by ``num_items_in_batch`` (HF Trainer's
         gradient-accumulation convention)."""
-        _check_kwargs(kwargs, type(self).__name__ + ".forward")
+        _check_kwargs(kwargs, self)
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             cache=_take_cache(cache, past_key_values), inputs_embeds=inputs_embeds, use_cache=use_cache,

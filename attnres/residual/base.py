@@ -130,7 +130,7 @@ class AttnResScheme(ResidualScheme):
 
     def _mix(self, j: int, sources: list[Tensor], norm: Norm) -> Tensor:
         ct = compute_dtype(source_dtype(sources))
-        qp = self.folded_queries(j, j + 1, ct)[0]  # as attn_res folds the gain
+        qp = self.pseudo_query[j].to(ct) * self.key_norm_weight[j].to(ct)  # as attn_res folds the gain
         if self._records is None:
             return read(qp, norm.weight.to(ct), norm.eps, sources)[0]
         h, p = read(qp, None, norm.eps, sources)

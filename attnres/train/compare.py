@@ -433,13 +433,7 @@ def check_equal_terms(runs: list[dict[str, Any]]) -> None:
     ]
     if unevaluated:
         problems.append("no validation at the last step in " + ", ".join(unevaluated))
-    states = {}
-    for r in runs:
-        d = Path(r["out_dir"])
-        ckpt = find_checkpoint(d) if d.exists() else None
-        if ckpt is not None:
-            st = load_trainer_state(ckpt)
-            states[f"{r['residual']}-s{r['seed']}"] = (config_from_dict(st["train_config"]), int(st["step"]), d)
+    states = _arm_states({(r["seed"], r["residual"]): Path(r["out_dir"]) for r in runs})
     diff = _differences({k: c for k, (c, _, _) in states.items()})
     if diff:
         problems.append(f"different configs ({_fmt_differences(diff)})")

@@ -405,8 +405,8 @@ def _train(cfg, out_dir, resume, progress, overwrite, data, label, fresh) -> dic
         check_resumable(saved, cfg)
         if state["step"] > cfg.max_steps:
             raise ConfigError(
-                f"--resume: the checkpoint in {out} is at step {state['step']}, past max_steps="
-                f"{cfg.max_steps}; give max_steps >= {state['step']} (--max-steps N) or leave it out"
+                f"--resume: the run in {out} is already at step {state['step']}, past max_steps="
+                f"{cfg.max_steps}; give --max-steps N with N > {state['step']} to train on, or leave it out"
             )
     if cfg is None:
         raise ValueError("train() needs a config unless resuming")
