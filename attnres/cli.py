@@ -10,7 +10,12 @@ input checks, e.g. of data sources), and OSError (a file or directory the user n
 else (a TypeError, a KeyError, an error from inside torch) is a bug and keeps its traceback. Set
 ``ATTNRES_DEBUG=1`` to get the traceback of user errors too.
 
-Heavy imports (torch, transformers) happen inside the subcommand handlers, not at module level.
+The console script is ``attnres_cli:main`` (the top-level module ``attnres_cli``, shipped with this
+package): it owns the argument parser (:func:`build_parser`, re-exported here) and answers
+``--help`` and usage errors without importing attnres, whose ``__init__`` loads torch and
+transformers. After the command line parses it calls :func:`run` here. :func:`main` is the same
+command in process (``python -m attnres.cli`` and the tests use it). Heavy imports (torch,
+transformers) happen inside the subcommand handlers, not at module level.
 """
 
 from __future__ import annotations
@@ -23,19 +28,10 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-EXIT_ERROR, EXIT_USAGE, EXIT_NONFINITE = 1, 2, 3
-EPILOG = (
-    "exit codes: 0 ok, 1 error, 2 usage, 3 non-finite loss (stopped; no checkpoint written for it), "
-    "130/143 interrupted by SIGINT/SIGTERM (checkpoint saved; continue with --resume)"
-)
+from attnres_cli import EPILOG, EXIT_USAGE, build_parser
 
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: ``attnres: error: ...``."""
-
-    def error(self, message: str):
-        sys.stderr.write(f"attnres: error: {message}\n")
-        sys.exit(EXIT_USAGE)
+EXIT_ERROR, EXIT_NONFINITE = 1, 3
+__all__ = ["EPILOG", "EXIT_ERROR", "EXIT_NONFINITE", "EXIT_USAGE", "build_parser", "is_user_error", "main", "run"]
 
 
 def _user_error(message: str) -> Exception:
@@ -278,142 +274,6 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------- parser
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from .train.config import PRESETS, RESIDUALS
-
-    parser = _Parser(
-        prog="attnres", description="Attention Residuals: models, training, benchmarks.", epilog=EPILOG
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    demo = sub.add_parser(
-        "demo", help="build the three reference models and print depth-attention weights from random "
-        "pseudo-queries (untrained)"
-    )
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    demo.add_argument(
-        "--query-std",
-        type=float,
-        default=0.5,
-        help="std of the random pseudo-queries shown (0 gives the zero-init uniform mean)",
-    )
-    demo.set_defaults(func=_demo)
-
-    def run_options(p, resume_help: str) -> None:
-        p.add_argument(
-            "--config",
-            metavar="FILE.yaml",
-            help="YAML mapping of config keys (may name a 'preset:'), applied over the preset",
-        )
-        p.add_argument(
-            "--set",
-            action="append",
-            metavar="KEY=VALUE",
-            default=[],
-            help="override one config key (repeatable; lists comma-separated, e.g. "
-            "sources=shakespeare,my.txt); unknown keys list the allowed ones",
-        )
-        p.add_argument("--resume", action="store_true", help=resume_help)
-        p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
-        p.add_argument("--no-progress", action="store_true", help="no progress bar or log lines")
-
-    presets = ", ".join(PRESETS)
-    cmp = sub.add_parser(
-        "compare",
-        epilog=EPILOG,
-        help="train standard, block and full residuals on equal terms and report (the main job)",
-        description="Train standard, Block AttnRes (N = attn_res_num_blocks, 8 by default) and Full AttnRes "
-        "with identical seeds, data order, tokens and hyperparameters; evaluate on the validation split; "
-        "print a table and write OUT/report.md, OUT/summary.json and PNG plots. Arm <residual> with seed s "
-        "trains into OUT/<residual>-s<s>/.",
-    )
-    cmp.add_argument(
-        "--preset",
-        default="default",
-        choices=list(PRESETS),
-        metavar="PRESET",
-        help=f"one of {presets} (default: default)",
-    )
-    cmp.add_argument(
-        "--seeds", type=int, default=1, metavar="K", help="train seeds 0..K-1, report mean ± std (default 1)"
-    )
-    cmp.add_argument("--out", help="output directory (default runs/compare-<preset>)")
-    run_options(
-        cmp,
-        "continue every arm that has a checkpoint (finished ones stay as they are unless --set "
-        "max_steps grew), start missing ones",
-    )
-    cmp.set_defaults(func=_compare, argv=None)
-
-    tr = sub.add_parser(
-        "train",
-        epilog=EPILOG,
-        help="train one model",
-        description="Train one model into OUT (metrics.jsonl, run.json, checkpoint/, result.json).",
-    )
-    tr.add_argument(
-        "--preset",
-        default=None,
-        choices=list(PRESETS),
-        metavar="PRESET",
-        help=f"one of {presets} (default: default; with --resume: the checkpoint's config)",
-    )
-    tr.add_argument(
-        "--residual", choices=list(RESIDUALS), help="residual scheme (default: the preset's, block)"
-    )
-    tr.add_argument("--out", help="output directory (default runs/train-<preset>-<residual>)")
-    tr.add_argument("--max-steps", type=int, help="optimizer steps")
-    tr.add_argument("--seed", type=int, help="seed of model init and data order")
-    tr.add_argument("--eval-every", type=int, help="evaluate every N steps (and at the end)")
-    tr.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (and at the end)")
-    run_options(tr, "continue the run in --out from its checkpoint, exactly")
-    tr.set_defaults(func=_train)
-
-    ev = sub.add_parser(
-        "eval",
-        help="loss, perplexity and bits per byte of a checkpoint on a text file",
-        description="Evaluate a checkpoint on a UTF-8 text file: contiguous windows of --seq-len "
-        "tokens; bits per byte = loss * tokens / (ln 2 * bytes).",
-    )
-    ev.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory or its checkpoint/")
-    ev.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text file")
-    ev.add_argument("--json", action="store_true", help="print JSON {loss, ppl, bits_per_byte, tokens}")
-    ev.add_argument("--seq-len", type=int, default=None, help="window length (default: the training seq_len)")
-    ev.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
-    ev.add_argument("--max-batches", type=int, default=None, help="evaluate at most N batches (default: all)")
-    ev.set_defaults(func=_eval)
-
-    gen = sub.add_parser(
-        "generate",
-        help="sample text from a checkpoint",
-        description="Sample a continuation of --prompt with model.generate (KV cache).",
-    )
-    gen.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory or its checkpoint/")
-    gen.add_argument("--prompt", required=True, help="text to continue")
-    gen.add_argument(
-        "--max-new-tokens", type=int, default=100, metavar="N", help="tokens to generate (default 100)"
-    )
-    gen.add_argument(
-        "--temperature",
-        type=float,
-        default=0.8,
-        metavar="T",
-        help="sampling temperature; 0 = greedy (default 0.8)",
-    )
-    gen.add_argument(
-        "--top-k",
-        type=int,
-        default=50,
-        metavar="K",
-        help="sample from the K most likely; 0 = all (default 50)",
-    )
-    gen.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed (default 0)")
-    gen.set_defaults(func=_generate)
-    return parser
-
-
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split()) if str(e).strip() else ""
     if isinstance(e, KeyError):  # KeyError quotes its message
@@ -449,14 +309,24 @@ def is_user_error(e: BaseException) -> bool:
     return isinstance(e, (ValueError, ImportError)) and _raised_by_attnres(e)
 
 
+# the handler of each subcommand, looked up when it runs (so a test can replace one)
+_HANDLERS = {"demo": "_demo", "compare": "_compare", "train": "_train", "eval": "_eval", "generate": "_generate"}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """The ``attnres`` command in process: parse ``argv`` (default ``sys.argv[1:]``) and :func:`run` it."""
+    return run(build_parser().parse_args(argv), argv)
+
+
+def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    """Run the parsed command ``args`` (from :func:`build_parser`; ``argv`` is the command line it came
+    from, default ``sys.argv[1:]``) and return its exit code."""
     from .train.loop import NonFiniteLoss, TrainingInterrupted
 
     if getattr(args, "argv", "missing") is None:
         args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        return args.func(args)
+        return globals()[_HANDLERS[args.command]](args)
     except TrainingInterrupted as e:
         sys.stderr.write(f"attnres: {e}\n")
         return 128 + e.signum

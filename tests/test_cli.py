@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+import attnres_cli
 from attnres import AttnResConfig, AttnResForCausalLM
 from attnres.cli import build_parser, main
 from attnres.data import byte_tokenizer
@@ -82,6 +83,38 @@ def test_help_of_every_command_lists_its_options(command, capsys):
 def test_top_level_help_lists_every_command(capsys):
     rc, out, _ = run(["--help"], capsys)
     assert rc == 0 and all(c in out for c in COMMANDS) and "exit codes" in out
+
+
+def test_the_light_parser_names_the_package_presets_and_residuals():
+    from attnres.residual import RESIDUALS as SCHEMES
+    from attnres.train.config import PRESETS, RESIDUALS
+
+    assert attnres_cli.PRESETS == tuple(PRESETS)
+    assert attnres_cli.RESIDUALS == RESIDUALS  # in the order --help lists them
+    assert sorted(attnres_cli.RESIDUALS) == sorted(SCHEMES)
+
+
+HEAVY = ("attnres", "torch", "transformers", "numpy", "rich")
+
+
+@pytest.mark.parametrize("argv, code", [(["--help"], 0), (["train", "--help"], 0), (["train", "--preset", "x"], 2)])
+def test_help_and_usage_errors_do_not_import_attnres_or_torch(argv, code):
+    """The console script (attnres_cli:main) answers these without ``import attnres`` (seconds: torch,
+    transformers)."""
+    script = "import sys; from attnres_cli import main; sys.exit(main())"  # what pip's `attnres` script runs
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", script, *argv], capture_output=True, text=True, cwd=REPO
+    )
+    assert proc.returncode == code, proc.stderr[-2000:]
+    imported = [ln.rsplit("|", 1)[1].strip() for ln in proc.stderr.splitlines() if ln.startswith("import time:")]
+    assert "argparse" in imported and "attnres_cli" in imported
+    assert not [m for m in imported if m.split(".")[0] in HEAVY]
+    if code:
+        assert proc.stderr.splitlines()[-1] == "attnres: error: argument --preset: invalid choice: 'x' " + (
+            "(choose from 'smoke', 'default', 'long')"
+        )
+    else:
+        assert proc.stdout.startswith("usage: attnres")
 
 
 # ----------------------------------------------------------------------------- eval / generate
@@ -394,12 +427,13 @@ def test_compare_refuses_to_set_residual_or_seed(capsys):
     assert_one_line_error(*run(["compare", "--seeds", 0], capsys)[::2], "--seeds must be >= 1")
 
 
-def test_errors_are_one_line_in_a_real_process(tmp_path):
+@pytest.mark.parametrize("module", ["attnres.cli", "attnres_cli"])  # in process; the console script's
+def test_errors_are_one_line_in_a_real_process(module, tmp_path):
     proc = subprocess.run(
         [
             sys.executable,
             "-m",
-            "attnres.cli",
+            module,
             "eval",
             "--checkpoint",
             str(tmp_path / "x"),

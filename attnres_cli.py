@@ -1,0 +1,173 @@
+"""The ``attnres`` console script: parses the command line without importing attnres.
+
+``import attnres`` loads torch and transformers (it registers the model with transformers' Auto
+classes), which takes seconds; ``attnres --help``, ``attnres COMMAND --help`` and usage errors
+(exit 2) should not wait for that. This top-level module owns the argument parser and imports only
+the standard library; once the command line has parsed, :func:`main` imports :mod:`attnres.cli`
+and runs the command there (``attnres.cli.main(argv)`` is the same command, in process).
+
+:data:`PRESETS` and :data:`RESIDUALS` repeat names that live in ``attnres.train.config``; a test
+checks that they match.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXIT_USAGE = 2
+EPILOG = (
+    "exit codes: 0 ok, 1 error, 2 usage, 3 non-finite loss (stopped; no checkpoint written for it), "
+    "130/143 interrupted by SIGINT/SIGTERM (checkpoint saved; continue with --resume)"
+)
+# the keys of attnres.train.config.PRESETS and attnres.train.config.RESIDUALS, in order (tests/test_cli.py)
+PRESETS = ("smoke", "default", "long")
+RESIDUALS = ("standard", "block", "full")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``attnres: error: ...``."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"attnres: error: {message}\n")
+        sys.exit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="attnres", description="Attention Residuals: models, training, benchmarks.", epilog=EPILOG
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo = sub.add_parser(
+        "demo", help="build the three reference models and print depth-attention weights from random "
+        "pseudo-queries (untrained)"
+    )
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo.add_argument(
+        "--query-std",
+        type=float,
+        default=0.5,
+        help="std of the random pseudo-queries shown (0 gives the zero-init uniform mean)",
+    )
+
+    def run_options(p, resume_help: str) -> None:
+        p.add_argument(
+            "--config",
+            metavar="FILE.yaml",
+            help="YAML mapping of config keys (may name a 'preset:'), applied over the preset",
+        )
+        p.add_argument(
+            "--set",
+            action="append",
+            metavar="KEY=VALUE",
+            default=[],
+            help="override one config key (repeatable; lists comma-separated, e.g. "
+            "sources=shakespeare,my.txt); unknown keys list the allowed ones",
+        )
+        p.add_argument("--resume", action="store_true", help=resume_help)
+        p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar or log lines")
+
+    presets = ", ".join(PRESETS)
+    cmp = sub.add_parser(
+        "compare",
+        epilog=EPILOG,
+        help="train standard, block and full residuals on equal terms and report (the main job)",
+        description="Train standard, Block AttnRes (N = attn_res_num_blocks, 8 by default) and Full AttnRes "
+        "with identical seeds, data order, tokens and hyperparameters; evaluate on the validation split; "
+        "print a table and write OUT/report.md, OUT/summary.json and PNG plots. Arm <residual> with seed s "
+        "trains into OUT/<residual>-s<s>/.",
+    )
+    cmp.add_argument(
+        "--preset",
+        default="default",
+        choices=list(PRESETS),
+        metavar="PRESET",
+        help=f"one of {presets} (default: default)",
+    )
+    cmp.add_argument(
+        "--seeds", type=int, default=1, metavar="K", help="train seeds 0..K-1, report mean ± std (default 1)"
+    )
+    cmp.add_argument("--out", help="output directory (default runs/compare-<preset>)")
+    run_options(
+        cmp,
+        "continue every arm that has a checkpoint (finished ones stay as they are unless --set "
+        "max_steps grew), start missing ones",
+    )
+    cmp.set_defaults(argv=None)  # attnres.cli fills in the command line compare records
+
+    tr = sub.add_parser(
+        "train",
+        epilog=EPILOG,
+        help="train one model",
+        description="Train one model into OUT (metrics.jsonl, run.json, checkpoint/, result.json).",
+    )
+    tr.add_argument(
+        "--preset",
+        default=None,
+        choices=list(PRESETS),
+        metavar="PRESET",
+        help=f"one of {presets} (default: default; with --resume: the checkpoint's config)",
+    )
+    tr.add_argument(
+        "--residual", choices=list(RESIDUALS), help="residual scheme (default: the preset's, block)"
+    )
+    tr.add_argument("--out", help="output directory (default runs/train-<preset>-<residual>)")
+    tr.add_argument("--max-steps", type=int, help="optimizer steps")
+    tr.add_argument("--seed", type=int, help="seed of model init and data order")
+    tr.add_argument("--eval-every", type=int, help="evaluate every N steps (and at the end)")
+    tr.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (and at the end)")
+    run_options(tr, "continue the run in --out from its checkpoint, exactly")
+
+    ev = sub.add_parser(
+        "eval",
+        help="loss, perplexity and bits per byte of a checkpoint on a text file",
+        description="Evaluate a checkpoint on a UTF-8 text file: contiguous windows of --seq-len "
+        "tokens; bits per byte = loss * tokens / (ln 2 * bytes).",
+    )
+    ev.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory or its checkpoint/")
+    ev.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text file")
+    ev.add_argument("--json", action="store_true", help="print JSON {loss, ppl, bits_per_byte, tokens}")
+    ev.add_argument("--seq-len", type=int, default=None, help="window length (default: the training seq_len)")
+    ev.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    ev.add_argument("--max-batches", type=int, default=None, help="evaluate at most N batches (default: all)")
+
+    gen = sub.add_parser(
+        "generate",
+        help="sample text from a checkpoint",
+        description="Sample a continuation of --prompt with model.generate (KV cache).",
+    )
+    gen.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory or its checkpoint/")
+    gen.add_argument("--prompt", required=True, help="text to continue")
+    gen.add_argument(
+        "--max-new-tokens", type=int, default=100, metavar="N", help="tokens to generate (default 100)"
+    )
+    gen.add_argument(
+        "--temperature",
+        type=float,
+        default=0.8,
+        metavar="T",
+        help="sampling temperature; 0 = greedy (default 0.8)",
+    )
+    gen.add_argument(
+        "--top-k",
+        type=int,
+        default=50,
+        metavar="K",
+        help="sample from the K most likely; 0 = all (default 50)",
+    )
+    gen.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed (default 0)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``); --help and usage errors exit here, before attnres
+    is imported. Then run the command with :func:`attnres.cli.run`."""
+    args = build_parser().parse_args(argv)
+    from attnres.cli import run
+
+    return run(args, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
