@@ -54,6 +54,7 @@ def _demo(args: argparse.Namespace) -> int:
     import torch
 
     from .models import AttnResConfig, AttnResForCausalLM
+    from .train.optim import ATTNRES_PARAMS
 
     torch.manual_seed(args.seed)
     ids = torch.randint(0, 8192, (1, 32))
@@ -62,15 +63,15 @@ def _demo(args: argparse.Namespace) -> int:
     for residual in ("standard", "full", "block"):
         config = AttnResConfig(residual=residual)
         model = AttnResForCausalLM(config).eval()
+        attnres_params = {name: p for name, p in model.named_parameters() if name.endswith(ATTNRES_PARAMS)}
         with torch.no_grad():
-            scheme = model.model.residual
-            # nudge the zero-init queries so the weights show input dependence
-            if residual != "standard":
-                scheme.pseudo_query.normal_(0, args.query_std)
-            with torch.no_grad(), scheme.record() as reads:
+            for name, p in attnres_params.items():  # nudge the zero-init queries: input-dependent weights
+                if name.endswith("pseudo_query"):
+                    p.normal_(0, args.query_std)
+            with model.model.record() as reads:
                 model(ids)
         n = sum(p.numel() for p in model.parameters())
-        extra = sum(p.numel() for name, p in model.named_parameters() if "residual" in name)
+        extra = sum(p.numel() for p in attnres_params.values())
         size = f"block size {config.block_size} sublayers" if config.block_size else ""
         print(f"\n{residual:8s} params {n:,} (AttnRes {extra:,}) {size}")
         for r in reads:

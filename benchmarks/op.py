@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -46,17 +45,15 @@ def pseudocode_read(w, sources, gain):
 def variants(device: torch.device, fla_cache: Path, fla_download: bool) -> tuple[dict, dict]:
     """name -> callable(query, sources, gain), and name -> {available, reason, info}."""
     from attnres import attn_res, naive_attn_res
+    from attnres.ops import cpu_kernel
 
     def ours_torch(q, s, g):  # the PyTorch implementation the fused kernel replaces (chosen at forward time)
-        old = os.environ.get("ATTNRES_CPU_KERNEL")
-        os.environ["ATTNRES_CPU_KERNEL"] = "0"
+        was = cpu_kernel.enabled()
+        cpu_kernel.set_enabled(False)
         try:
             return attn_res(q, s, rms_weight=g, rms_eps=EPS)
         finally:
-            if old is None:
-                del os.environ["ATTNRES_CPU_KERNEL"]
-            else:
-                os.environ["ATTNRES_CPU_KERNEL"] = old
+            cpu_kernel.set_enabled(was)
 
     fns = {
         "ours": lambda q, s, g: attn_res(q, s, rms_weight=g, rms_eps=EPS),
@@ -69,8 +66,9 @@ def variants(device: torch.device, fla_cache: Path, fla_download: bool) -> tuple
     }
     if device.type == "cpu":
         fns["ours_torch"] = ours_torch
-        meta["ours_torch"] = {"available": True, "what": "attnres.attn_res with ATTNRES_CPU_KERNEL=0: the "
-                              "PyTorch-ops custom autograd read (no stack, recompute in backward)"}
+        meta["ours_torch"] = {"available": True, "what": "attnres.attn_res with the fused kernel off "
+                              "(cpu_kernel.set_enabled(False)): the PyTorch-ops custom autograd read "
+                              "(no stack, recompute in backward)"}
     fla = load_fla_naive(fla_cache, download=fla_download)
     meta["fla_naive"] = {
         "available": fla.fn is not None,

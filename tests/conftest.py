@@ -14,7 +14,7 @@ def _seed_and_determinism():
 def cpu_read_impl(request, monkeypatch):
     """Run a test once with the fused CPU kernel and once with the PyTorch implementation."""
     if request.param == "torch":
-        monkeypatch.setenv("ATTNRES_CPU_KERNEL", "0")
+        monkeypatch.setattr(cpu_kernel, "_enabled", False)
     elif cpu_kernel.load() is None:
         pytest.skip(f"the fused CPU read is unavailable: {cpu_kernel.unavailable_reason()}")
     return request.param

@@ -69,7 +69,6 @@ def collect_probes(model: nn.Module, input_ids: torch.LongTensor) -> dict:
             f"input_ids needs at least 2 tokens per row for a next-token loss, got {input_ids.shape[1]}"
         )
     model = _unwrap(model)
-    scheme = model.model.residual
     sublayers = _sublayers(model)
     num_sublayers = len(sublayers)
     device = model.get_input_embeddings().weight.device
@@ -88,7 +87,7 @@ def collect_probes(model: nn.Module, input_ids: torch.LongTensor) -> dict:
     try:
         with torch.inference_mode(False), torch.enable_grad():
             ids = input_ids.to(device).clone()  # a normal tensor even if made under inference_mode
-            with scheme.record() as reads:
+            with model.model.record() as reads:
                 loss = model(input_ids=ids, labels=ids, use_cache=False).loss
             grads = torch.autograd.grad(loss, flat, allow_unused=True) if flat else ()
     finally:
@@ -125,8 +124,8 @@ def collect_probes(model: nn.Module, input_ids: torch.LongTensor) -> dict:
         ]
 
     return {
-        "residual": getattr(scheme, "name", type(scheme).__name__),
-        "block_size": getattr(scheme, "block_size", 1 if depth_weights is not None else None),
+        "residual": model.model.residual.name,
+        "block_size": getattr(model.model.residual, "block_size", None),
         "loss": float(loss.detach()),
         "output_rms": output_rms,
         "hidden_rms": hidden_rms,

@@ -30,6 +30,9 @@ class AttnResConfig(PretrainedConfig):
     - ``attn_res_final_aggregation``: if True (default) the final hidden state is one more AttnRes
       read over all sources, with its own pseudo-query and key-norm gain (our reading of PAPER §1
       "Final output"); if False it is the plain sum of all sources.
+    - ``attn_res_two_phase``: Block AttnRes computes the inter-block terms of each layer's reads at
+      once (PAPER Alg. 1) for training and prefill of at least 64 tokens (default True); the result
+      is the same function.
 
     The keys keep what was given (a saved config stays valid when ``num_hidden_layers`` changes on
     load); :attr:`block_size` is the resolved S (1 for "full", None for "standard").
@@ -57,6 +60,7 @@ class AttnResConfig(PretrainedConfig):
         attn_res_num_blocks: int = 8,
         attn_res_block_layers: int | None = None,
         attn_res_final_aggregation: bool = True,
+        attn_res_two_phase: bool = True,
         **kwargs,
     ):
         self.vocab_size = _positive_int("vocab_size", vocab_size)
@@ -94,6 +98,7 @@ class AttnResConfig(PretrainedConfig):
             _positive_int("attn_res_block_layers", attn_res_block_layers)
         self.attn_res_block_layers = attn_res_block_layers
         self.attn_res_final_aggregation = bool(attn_res_final_aggregation)
+        self.attn_res_two_phase = bool(attn_res_two_phase)
         self.attn_res_block_size = attn_res_block_size
         self._resolve_block_size()  # validates the combination now
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)

@@ -1,9 +1,13 @@
 """AttnResForCausalLM: a Llama-style decoder whose residual connections are a pluggable scheme.
 
-The network never branches on the scheme: each sublayer's input comes from ``stream.read`` and its
-output goes to ``stream.write`` (DESIGN.md). Parameter names follow HF Llama, so a
-``LlamaForCausalLM`` state_dict loads into a ``residual="standard"`` model and gives the same logits;
-AttnRes adds only ``model.residual.pseudo_query`` and ``model.residual.key_norm_weight``.
+The network never branches on the scheme: a decoder layer takes the residual state (a tuple of
+tensors) and returns the new one; each sublayer's input comes from ``scheme.read`` and its output goes
+to ``scheme.write`` (DESIGN.md). Parameter names follow HF Llama, so a ``LlamaForCausalLM``
+state_dict loads into a ``residual="standard"`` model and gives the same logits; AttnRes adds one
+:class:`~attnres.residual.DepthQuery` per read point, in the layer that reads:
+``model.layers.{i}.attn_res`` / ``model.layers.{i}.mlp_res`` (``pseudo_query``, ``key_norm_weight``)
+and ``model.output_res`` for the final aggregation. Checkpoints with the older stacked names
+(``model.residual.*``) are converted on load (``legacy.py``).
 
 HF renamed the cache keyword and output field from ``past_key_values`` to ``cache`` (transformers
 5.24). Both names are accepted; outputs carry the cache in the field the installed transformers
@@ -13,18 +17,29 @@ defines (``CACHE_FIELD``). Unknown keywords raise ``TypeError``.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import logging
 
+from ..ops import cpu_kernel
 from ..ops._checks import compute_dtype
-from ..residual import AttnResScheme, ResidualStream, build_residual
+from ..residual import DepthQuery, Mode, Pass, RMSNorm, State, build_residual
 from .configuration import AttnResConfig
+from .legacy import convert_legacy_state_dict, legacy_pretrained_state_dict
+
+logger = logging.get_logger(__name__)
+
+# below this many tokens a no-grad forward (a cached decode step: batch x 1 tokens) uses the bank
+BANK_MAX_TOKENS = 64
+# below this many tokens per forward a read is too small for phase 1 to pay for its extra ops
+TWO_PHASE_MIN_TOKENS = 64
 
 CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
@@ -43,20 +58,6 @@ def _check_kwargs(kwargs: dict, owner: nn.Module) -> None:
     unknown = sorted(set(kwargs) - CONVENTION_KWARGS)
     if unknown:
         raise TypeError(f"{type(owner).__name__}.forward() got unexpected keyword argument(s): {', '.join(unknown)}")
-
-
-class RMSNorm(nn.Module):
-    """x * rsqrt(mean(x^2) + eps) * weight, computed in fp32 (as Llama's; fp64 stays fp64)."""
-
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        xf = x.to(compute_dtype(x.dtype))
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * y.to(x.dtype)
 
 
 def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -127,18 +128,38 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Two sublayers, each reading its input from the residual stream and writing its output back."""
+    """Two sublayers, each reading its input from the residual state and writing its output back.
 
-    def __init__(self, config: AttnResConfig, layer_idx: int):
+    ``forward(*state, ...)`` takes the state's tensors positionally (so activation checkpointing,
+    reentrant or not, sees them as inputs) and returns the new state."""
+
+    gradient_checkpointing = False  # set by PreTrainedModel.gradient_checkpointing_enable()
+
+    def __init__(self, config: AttnResConfig, layer_idx: int, scheme):
         super().__init__()
+        self.layer_idx = layer_idx
+        self.scheme = scheme  # configuration only: no parameters, no state
         self.self_attn = Attention(config, layer_idx)
         self.mlp = MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn_res = DepthQuery(config.hidden_size) if scheme.has_queries else None
+        self.mlp_res = DepthQuery(config.hidden_size) if scheme.has_queries else None
 
-    def forward(self, stream: ResidualStream, rope, mask, causal, cache, weights=None) -> None:
-        stream.write(self.self_attn(stream.read(self.input_layernorm), rope, mask, causal, cache, weights))
-        stream.write(self.mlp(stream.read(self.post_attention_layernorm)))
+    def forward(self, *state: Tensor, ctx: Pass, rope, mask, causal, cache, attentions=None) -> State:
+        body = functools.partial(self._sublayers, ctx=ctx, rope=rope, mask=mask, causal=causal, cache=cache,
+                                 attentions=attentions)
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(body, *state)
+        return body(*state)
+
+    def _sublayers(self, *state: Tensor, ctx: Pass, rope, mask, causal, cache, attentions) -> State:
+        scheme, j = self.scheme, 2 * self.layer_idx
+        plan = scheme.plan(state, j, (self.attn_res, self.mlp_res), ctx)
+        x = scheme.read(state, j, self.attn_res, self.input_layernorm, ctx, plan)
+        state = scheme.write(state, j, self.self_attn(x, rope, mask, causal, cache, attentions), ctx)
+        x = scheme.read(state, j + 1, self.mlp_res, self.post_attention_layernorm, ctx, plan)
+        return scheme.write(state, j + 1, self.mlp(x), ctx)
 
 
 class AttnResPreTrainedModel(PreTrainedModel):
@@ -148,13 +169,30 @@ class AttnResPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["DecoderLayer"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
-    _keep_in_fp32_modules_strict = ["residual"]
+    supports_gradient_checkpointing = True
+    _keep_in_fp32_modules_strict = ["attn_res", "mlp_res", "output_res"]
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, AttnResScheme):
+        if isinstance(module, DepthQuery):
             init.zeros_(module.pseudo_query)
             init.ones_(module.key_norm_weight)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """As HF's; a local checkpoint saved with the older stacked AttnRes names is converted."""
+        path = pretrained_model_name_or_path
+        legacy = None
+        if kwargs.get("state_dict") is None and path is not None:
+            legacy = legacy_pretrained_state_dict(path, cls.base_model_prefix, kwargs.get("subfolder"))
+        if legacy is None:
+            return super().from_pretrained(path, *args, **kwargs)
+        subfolder = kwargs.pop("subfolder", None) or ""
+        config = kwargs.pop("config", None) or cls.config_class.from_pretrained(path, subfolder=subfolder)
+        model = super().from_pretrained(None, *args, config=config, state_dict=legacy, **kwargs)
+        with contextlib.suppress(OSError):
+            model.generation_config = GenerationConfig.from_pretrained(path, subfolder=subfolder)
+        return model
 
 
 def _attention_mask(attention_mask: Tensor | None, q_len: int, past: int, device) -> tuple[Tensor | None, bool]:
@@ -181,13 +219,18 @@ def _attention_mask(attention_mask: Tensor | None, q_len: int, past: int, device
 class AttnResModel(AttnResPreTrainedModel):
     def __init__(self, config: AttnResConfig):
         super().__init__(config)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.residual = build_residual(
-            config.residual, config.hidden_size, config.num_sublayers,
-            config.block_size, config.attn_res_final_aggregation,
+        self.residual = scheme = build_residual(
+            config.residual, config.num_sublayers, config.block_size, config.attn_res_final_aggregation,
+            config.rms_norm_eps,
         )
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, scheme) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.output_res = DepthQuery(config.hidden_size) if scheme.final_aggregation else None
+        self._records = None
+        self.register_load_state_dict_pre_hook(_convert_legacy_hook)
+        if scheme.has_queries:
+            cpu_kernel.prepare()  # build the fused CPU read now, not inside the first forward
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -229,6 +272,9 @@ class AttnResModel(AttnResPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and self._checkpointing():
+            logger.warning_once("use_cache=True is incompatible with activation checkpointing: the KV cache is off")
+            use_cache, cache = False, None
         if use_cache and cache is None:
             cache = DynamicCache()
         past = cache.get_seq_length() if cache is not None else 0
@@ -239,12 +285,14 @@ class AttnResModel(AttnResPreTrainedModel):
         mask, causal = _attention_mask(attention_mask, t, past, inputs_embeds.device)
         cache = cache if use_cache else None
         attentions = [] if self._flag(output_attentions, "output_attentions") else None
+        ctx = Pass(self.stream_mode(inputs_embeds), self._records)
 
         with self._layer_inputs(self._flag(output_hidden_states, "output_hidden_states")) as inputs:
-            stream = self.residual.start(inputs_embeds)
+            state = self.residual.start(inputs_embeds, ctx)
             for layer in self.layers:
-                layer(stream, rope, mask, causal, cache, attentions)
-            hidden = stream.finish(self.norm)
+                state = layer(*state, ctx=ctx, rope=rope, mask=mask, causal=causal, cache=cache,
+                              attentions=attentions)
+            hidden = self.residual.finish(state, self.output_res, self.norm, ctx)
         out = BaseModelOutputWithPast(
             last_hidden_state=hidden, **{CACHE_FIELD: cache},
             hidden_states=None if inputs is None else (inputs_embeds, *inputs[1:], hidden),
@@ -252,28 +300,56 @@ class AttnResModel(AttnResPreTrainedModel):
         )
         return out if self._flag(return_dict, "return_dict") else out.to_tuple()
 
+    def stream_mode(self, inputs_embeds: Tensor) -> Mode:
+        """How this forward keeps its residual state: recorded reads take the plain stream; a no-grad
+        forward of few tokens (a cached decode step) the bank; training and prefill of at least
+        ``TWO_PHASE_MIN_TOKENS`` tokens the two-phase schedule (``config.attn_res_two_phase``)."""
+        tokens = inputs_embeds.numel() // inputs_embeds.shape[-1]
+        if self._records is not None:
+            return Mode.STREAM
+        if not torch.is_grad_enabled() and tokens < BANK_MAX_TOKENS:
+            return Mode.BANK
+        if self.config.attn_res_two_phase and tokens >= TWO_PHASE_MIN_TOKENS:
+            return Mode.TWO_PHASE
+        return Mode.STREAM
+
+    @contextlib.contextmanager
+    def record(self):
+        """Collect a :class:`~attnres.residual.DepthRead` for every read (and the final output) of the
+        forwards run inside the block. Recording computes extra statistics and syncs; use it for
+        analysis, not for training steps."""
+        outer, self._records = self._records, []
+        try:
+            yield self._records
+        finally:
+            self._records = outer
+
+    def _checkpointing(self) -> bool:
+        """Whether this forward recomputes layers in backward (then the KV cache is off, as in HF)."""
+        return self.training and torch.is_grad_enabled() and any(layer.gradient_checkpointing for layer in self.layers)
+
     def _flag(self, value: bool | None, name: str) -> bool:
         return bool(getattr(self.config, name, False) if value is None else value)
 
     @contextlib.contextmanager
     def _layer_inputs(self, enabled: bool):
-        """Collect the un-normalised input of every decoder layer's attention read (or yield None).
-
-        Recording makes AttnRes reads call the PreNorm module on h (instead of fusing it), so a
-        pre-hook on each ``input_layernorm`` sees h."""
+        """Collect the un-normalised input of every decoder layer's attention read (or yield None):
+        a hooked norm is never fused into the read, so a pre-hook on each ``input_layernorm`` sees h."""
         if not enabled:
             yield None
             return
         seen: list[Tensor] = []
         hooks = [layer.input_layernorm.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
                  for layer in self.layers]
-        recording = self.residual._records is not None  # a user's record() stays theirs
         try:
-            with contextlib.nullcontext() if recording else self.residual.record():
-                yield seen
+            yield seen
         finally:
             for h in hooks:
                 h.remove()
+
+
+def _convert_legacy_hook(module, state_dict, prefix, *args) -> None:
+    convert_legacy_state_dict(state_dict, prefix)
 
 
 class AttnResForCausalLM(AttnResPreTrainedModel, GenerationMixin):

@@ -23,6 +23,7 @@ from torch.autograd.function import once_differentiable
 
 from . import cpu_kernel
 from ._checks import check_read_inputs, compute_dtype, source_dtype
+from .dispatch import CPU, TRITON, read_impl
 
 
 def _flat(v: Tensor, ct: torch.dtype) -> Tensor:
@@ -159,12 +160,13 @@ def attn_res(
 
 
 def read(qp: Tensor, w: Tensor | None, eps: float, sources: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """The read with folded query ``qp`` (compute dtype), unchecked: the fused kernel where it applies."""
-    if qp.is_cuda and not torch.compiler.is_compiling():
-        from .triton_read import TRITON_AVAILABLE, triton_read
+    """The read with folded query ``qp`` (compute dtype), unchecked, by the implementation
+    :func:`attnres.ops.dispatch.read_impl` picks."""
+    impl = read_impl(qp, sources, w)
+    if impl == TRITON:
+        from .triton_read import triton_read
 
-        if TRITON_AVAILABLE:
-            return triton_read(qp, w, eps, sources)
-    if cpu_kernel.usable(qp, sources, w):
+        return triton_read(qp, w, eps, sources)
+    if impl == CPU:
         return cpu_kernel.CpuRead.apply(qp.contiguous(), None if w is None else w.contiguous(), eps, *sources)
     return _AttnResRead.apply(qp, w, eps, *sources)

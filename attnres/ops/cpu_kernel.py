@@ -1,10 +1,11 @@
 """The fused CPU read (``csrc/read_cpu.cpp``): one pass over the sources per token, forward and backward.
 
-Built with ``torch.utils.cpp_extension.load`` on first use (about a minute, once; cached under
-``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). ``ATTNRES_CPU_KERNEL=0`` turns it
-off; if the build fails the read warns once and uses the PyTorch implementation, which computes the
-same function. Used for contiguous CPU fp32/fp64 sources of one dtype, outside ``torch.compile``
-(where inductor fuses the PyTorch implementation itself).
+Built with ``torch.utils.cpp_extension.load`` by :func:`prepare` (an AttnRes model calls it when it is
+built, so no forward blocks on it; about a minute, once; cached under ``TORCH_EXTENSIONS_DIR``, default
+``~/.cache/torch_extensions``). ``ATTNRES_CPU_KERNEL=0`` in the environment when attnres is imported
+turns it off (:func:`set_enabled` at run time); if the build fails one warning is printed and the
+PyTorch implementation, which computes the same function, is used. ``attnres.ops.dispatch`` decides
+which reads it takes.
 """
 
 from __future__ import annotations
@@ -42,14 +43,28 @@ def _name() -> str:
     return "attnres_read_cpu_" + hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
+_enabled = os.environ.get("ATTNRES_CPU_KERNEL", "1") != "0"  # read once, at import
+
+
 def enabled() -> bool:
-    return os.environ.get("ATTNRES_CPU_KERNEL", "1") != "0"
+    return _enabled
+
+
+def set_enabled(flag: bool) -> None:
+    """Turn the fused kernel on or off for this process (tests, benchmarks)."""
+    global _enabled
+    _enabled = bool(flag)
+
+
+def prepare() -> bool:
+    """Build (or load) the extension now, before any forward; True if it is usable."""
+    return load() is not None
 
 
 def load():
     """The compiled extension, building it on first call; None if disabled or the build failed."""
     global _ext, _failed
-    if _ext is not None or _failed is not None or not enabled():
+    if _ext is not None or _failed is not None or not _enabled:
         return _ext
     with _lock:
         if _ext is None and _failed is None:
@@ -72,14 +87,14 @@ def load():
 
 
 def unavailable_reason() -> str | None:
-    if not enabled():
-        return "ATTNRES_CPU_KERNEL=0"
+    if not _enabled:
+        return "turned off (ATTNRES_CPU_KERNEL=0 or set_enabled(False))"
     return _failed
 
 
 def usable(qp: Tensor, sources: Sequence[Tensor], w: Tensor | None = None) -> bool:
-    """Whether the fused kernel takes this read (CPU, one fp32/fp64 dtype, contiguous sources, eager)."""
-    if torch.compiler.is_compiling() or qp.device.type != "cpu" or _failed is not None or not enabled():
+    """Whether the fused kernel can take this read (CPU, one fp32/fp64 dtype, contiguous sources)."""
+    if qp.device.type != "cpu" or _failed is not None or not _enabled:
         return False
     dt = qp.dtype
     if dt not in (torch.float32, torch.float64) or (w is not None and (w.device.type != "cpu" or w.dtype != dt)):

@@ -23,6 +23,7 @@ from torch.autograd.function import once_differentiable
 from . import cpu_kernel
 from ._checks import compute_dtype, source_dtype
 from .attn_res import _finish_forward, _flat, _read_backward, rstd
+from .dispatch import CPU, read_impl
 
 
 @dataclass
@@ -78,7 +79,7 @@ class _MergedRead(torch.autograd.Function):
             h.addcmul_(vp, (b / z)[:, None])
             s, r = torch.cat([inter.s, s_p[None]]), torch.cat([inter.r, r_p[None]])
         p = torch.exp(s - big).div_(z)
-        ctx.fused_backward = cpu_kernel.usable(qp, sources, w)
+        ctx.fused_backward = read_impl(qp, sources, w) == CPU
         return _finish_forward(ctx, qp, w, eps, s, r, p, h, sources, 4)
 
     @staticmethod

@@ -1,10 +1,10 @@
-"""Residual schemes behind one interface: standard (PreNorm sum), full and block AttnRes."""
+"""Residual schemes behind one functional interface: standard (PreNorm sum), full and block AttnRes."""
 
 from __future__ import annotations
 
-from .base import AttnResScheme, DepthRead, Norm, ResidualScheme, ResidualStream
-from .block import BlockAttnRes
-from .full import FullAttnRes
+from .base import DepthQuery, DepthRead, Mode, Pass, ResidualScheme, State
+from .block import BlockAttnRes, FullAttnRes
+from .norm import RMSNorm, fusable
 from .standard import StandardResidual
 
 RESIDUALS = ("standard", "full", "block")
@@ -12,30 +12,34 @@ RESIDUALS = ("standard", "full", "block")
 
 def build_residual(
     residual: str,
-    hidden_size: int,
     num_sublayers: int,
     block_size: int | None = None,
     final_aggregation: bool = True,
+    eps: float = 1e-6,
 ) -> ResidualScheme:
-    """Build a scheme by name; ``block_size`` (sublayers per block) is used by "block" only."""
+    """Build a scheme by name; ``block_size`` (sublayers per block) is used by "block" only,
+    ``eps`` is the key RMSNorm's epsilon."""
     if residual == "standard":
-        return StandardResidual(hidden_size, num_sublayers)
+        return StandardResidual(num_sublayers, eps)
     if residual == "full":
-        return FullAttnRes(hidden_size, num_sublayers, final_aggregation)
+        return FullAttnRes(num_sublayers, final_aggregation, eps)
     if residual == "block":
-        return BlockAttnRes(hidden_size, num_sublayers, block_size, final_aggregation)
+        return BlockAttnRes(num_sublayers, block_size, final_aggregation, eps)
     raise ValueError(f"unknown residual scheme {residual!r}; allowed: {', '.join(RESIDUALS)}")
 
 
 __all__ = [
     "RESIDUALS",
-    "AttnResScheme",
     "BlockAttnRes",
+    "DepthQuery",
     "DepthRead",
     "FullAttnRes",
-    "Norm",
+    "Mode",
+    "Pass",
+    "RMSNorm",
     "ResidualScheme",
-    "ResidualStream",
+    "State",
     "StandardResidual",
     "build_residual",
+    "fusable",
 ]

@@ -1,74 +1,63 @@
-"""The inference stream for small inputs (decode steps): every source lives in one preallocated bank.
+"""The cached-decode state (``Mode.BANK``): every source lives in one preallocated bank.
 
-Without autograd, Full and Block AttnRes keep their sources in slots of one ``[sources, N, D]``
-tensor: slot 0 is the embedding, slot n the n-th block (Full: the n-th sublayer output). A write
-copies into (first sublayer of a block) or adds into its slot in place, and a read is a handful of
-batched ops over a view of the bank (one call of the fused CPU kernel where it applies), whatever
-the source count: no per-read stacking, no per-source Python loop. It computes the same joint
-softmax as :func:`attnres.attn_res`. The bank is in the compute dtype (fp32 for bf16/fp16 models), so
-Block partial sums are not rounded to the activation dtype as the autograd stream's are: in low precision
-a decode step can differ from the full forward by that rounding.
+Without autograd, Full and Block AttnRes keep their sources in slots of one ``[slots, *shape, D]``
+tensor in the compute dtype: slot 0 is the embedding, slot n the n-th block (Full: the n-th sublayer
+output). The state is ``(bank, embedding)`` (the embedding gives the activations' dtype). A write
+copies into (first sublayer of a block) or adds into its slot in place, and a read is one fused
+CPU-kernel call or a handful of batched ops over a view of the bank, whatever the source count. It
+computes the same joint softmax as :func:`attnres.attn_res`. Block partial sums are kept in the compute
+dtype, not rounded to the activation dtype as the stream's are: in bf16 a decode step can differ from
+the full forward by that rounding.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..ops import cpu_kernel
 from ..ops._checks import compute_dtype
-from .base import AttnResScheme, Norm, ResidualStream
-
-# below this many tokens a no-grad forward uses the bank (one decode step is batch x 1 tokens)
-BANK_MAX_TOKENS = 64
+from ..ops.dispatch import CPU, read_impl
+from .base import State
 
 
-def use_bank(scheme: AttnResScheme, embedding: Tensor) -> bool:
-    tokens = embedding.numel() // embedding.shape[-1]
-    return tokens < BANK_MAX_TOKENS and not torch.is_grad_enabled() and scheme._records is None
+def start(embedding: Tensor, slots: int) -> State:
+    bank = embedding.new_empty(slots, *embedding.shape, dtype=compute_dtype(embedding.dtype))
+    bank[0].copy_(embedding)
+    return (bank, embedding)
 
 
-class BankStream(ResidualStream):
-    def __init__(self, scheme: AttnResScheme, embedding: Tensor, block_size: int):
-        self.scheme, self.block_size = scheme, block_size
-        self.dtype = embedding.dtype
-        ct = compute_dtype(embedding.dtype)
-        n = scheme.num_sublayers
-        self.bank = embedding.new_empty(2 + (n - 1) // block_size, *embedding.shape, dtype=ct)
-        self.bank[0].copy_(embedding)
-        self.queries = scheme.folded_queries(0, len(scheme.pseudo_query), ct).unbind(0)
-        self.count = 0
-        self.fused = cpu_kernel.usable(self.queries[0], [self.bank])  # one C++ call per read (w cast to ct)
+def sources(state: State, j: int, block_size: int) -> Tensor:
+    """The slots read before sublayer j: b_0..b_{n-1}, and the partial b_n^i when i > 0."""
+    n, i = divmod(j, block_size)
+    return state[0][: n + 1 + (i > 0)]
 
-    def _read(self, row: int, norm: Norm) -> Tensor:
-        """Read with query ``row`` over the sources written so far."""
-        i, n = self.count % self.block_size, self.count // self.block_size
-        v = self.bank[: n + 1 + (i > 0)]  # b_0..b_{n-1}, and the partial b_n^i when i > 0
-        d = v.shape[-1]
+
+def write(state: State, j: int, out: Tensor, block_size: int) -> State:
+    slot = state[0][1 + j // block_size]
+    if j % block_size == 0:
+        slot.copy_(out)
+    else:
+        slot.add_(out)
+    return state
+
+
+def read(state: State, v: Tensor, qp: Tensor | None, norm: nn.Module, eps: float, fuse: bool) -> Tensor:
+    """Softmax read of folded query ``qp`` over the slots ``v`` (their plain sum if ``qp`` is None),
+    then ``norm``: fused as the output gain when ``fuse``, else called as a module."""
+    dtype, d = state[1].dtype, v.shape[-1]
+    w = None
+    if fuse:
         w = norm.weight if norm.weight.dtype == v.dtype else norm.weight.to(v.dtype)
-        if row == self.scheme.num_sublayers and not self.scheme.final_aggregation:
-            y = F.rms_norm(v.sum(0), (d,), w, norm.eps)
-        elif self.fused:
-            y = cpu_kernel.load().read_forward_stacked(self.queries[row], w, norm.eps, v)
-        else:
-            p = torch.softmax(F.rms_norm(v, (d,), eps=norm.eps) @ self.queries[row], dim=0)
-            y = F.rms_norm((p.unsqueeze(-1) * v).sum(0), (d,), w, norm.eps)
-        return y if y.dtype == self.dtype else y.to(self.dtype)
-
-    def read(self, norm: Norm) -> Tensor:
-        if self.count >= self.scheme.num_sublayers:
-            raise RuntimeError(f"read point {self.count} does not exist: the scheme has "
-                               f"{self.scheme.num_sublayers} sublayers")
-        return self._read(self.count, norm)
-
-    def write(self, out: Tensor) -> None:
-        slot = self.bank[1 + self.count // self.block_size]
-        if self.count % self.block_size == 0:
-            slot.copy_(out)
-        else:
-            slot.add_(out)
-        self.count += 1
-
-    def finish(self, norm: Norm) -> Tensor:
-        return self._read(self.scheme.num_sublayers, norm)
+    if qp is None:
+        y = v.sum(0)
+        y = F.rms_norm(y, (d,), w, eps) if fuse else y
+    elif read_impl(qp, [v]) == CPU:
+        y = cpu_kernel.load().read_forward_stacked(qp, w, eps, v)
+    else:
+        p = torch.softmax(F.rms_norm(v, (d,), eps=eps) @ qp, dim=0)
+        y = (p.unsqueeze(-1) * v).sum(0)
+        y = F.rms_norm(y, (d,), w, eps) if fuse else y
+    y = y if y.dtype == dtype else y.to(dtype)
+    return y if fuse else norm(y)

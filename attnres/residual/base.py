@@ -1,31 +1,36 @@
-"""The residual-stream interface every scheme implements (DESIGN.md: read / write / finish).
+"""The functional residual-state interface every scheme implements (DESIGN.md).
 
-    stream = scheme.start(embedding)
-    for each sublayer f:  stream.write(f(stream.read(f_norm)))
-    hidden = stream.finish(final_norm)
+A forward pass threads a *state*, a tuple of tensors, through the decoder layers::
 
-``read(norm)`` returns the next sublayer's *normalised* input, so AttnRes schemes can fuse the
-PreNorm into the depth read. ``norm`` is any RMSNorm with ``weight`` ([D]) and ``eps``.
+    state = scheme.start(embedding, ctx)
+    for each sublayer j:  x = scheme.read(state, j, query_j, norm_j, ctx)
+                          state = scheme.write(state, j, f_j(x), ctx)
+    hidden = scheme.finish(state, query_final, norm_final, ctx)
+
+A scheme holds configuration only (no parameters, no per-forward state). ``read`` returns sublayer
+j's *normalised* input. Read point j's parameters (:class:`DepthQuery`) live in the layer that reads;
+``query`` is None for schemes without them. ``ctx`` (:class:`Pass`) says how the state is kept
+(:class:`Mode`), chosen once per forward by the model, and whether reads are recorded.
 """
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass
-from typing import Protocol
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from ..ops._checks import compute_dtype, source_dtype
-from ..ops.attn_res import read
+State = tuple[Tensor, ...]
 
 
-class Norm(Protocol):
-    weight: Tensor
-    eps: float
+class Mode(enum.Enum):
+    """How a forward pass keeps its residual state."""
 
-    def __call__(self, x: Tensor) -> Tensor: ...
+    STREAM = "stream"  # a tuple of source tensors, one joint read per sublayer (training; any input)
+    TWO_PHASE = "two_phase"  # the same state; Block batches phase 1 over each layer's reads (training, prefill)
+    BANK = "bank"  # no autograd: every source in one preallocated [slots, ..., D] tensor (cached decode)
 
 
 @dataclass(frozen=True)
@@ -45,98 +50,72 @@ class DepthRead:
     weights: Tensor | None = None
 
 
+@dataclass(frozen=True)
+class Pass:
+    """One forward pass's choices: the state's :class:`Mode` and where reads are recorded (or None)."""
+
+    mode: Mode = Mode.STREAM
+    records: list[DepthRead] | None = field(default=None, compare=False)
+
+
 def rms(x: Tensor) -> float:
     return x.detach().float().pow(2).mean().sqrt().item()
 
 
-class ResidualStream:
-    """State of one forward pass through the residual connections."""
+class DepthQuery(nn.Module):
+    """One read point's parameters: the pseudo-query w_l (zero-init, PAPER §5) and the key RMSNorm gain
+    (one-init), both ``[D]`` and kept in fp32."""
 
-    def read(self, norm: Norm) -> Tensor:
-        raise NotImplementedError
-
-    def write(self, out: Tensor) -> None:
-        raise NotImplementedError
-
-    def finish(self, norm: Norm) -> Tensor:
-        raise NotImplementedError
-
-
-class ResidualScheme(nn.Module):
-    """A residual scheme: owns the parameters, makes one stream per forward pass."""
-
-    name: str = ""
-
-    def __init__(self, hidden_size: int, num_sublayers: int):
+    def __init__(self, hidden_size: int):
         super().__init__()
-        self.hidden_size = hidden_size
-        self.num_sublayers = num_sublayers
-        self._records: list[DepthRead] | None = None
-
-    def start(self, embedding: Tensor) -> ResidualStream:
-        raise NotImplementedError
-
-    @contextlib.contextmanager
-    def record(self):
-        """Collect a :class:`DepthRead` for every read (and the final output) made inside the block.
-
-        Recording computes extra statistics and syncs; use it for analysis, not for training steps.
-        """
-        self._records = records = []
-        try:
-            yield records
-        finally:
-            self._records = None
-
-
-class AttnResScheme(ResidualScheme):
-    """Shared parameters and mixing for Full and Block AttnRes.
-
-    Read point j has its own pseudo-query ``pseudo_query[j]`` (zero-init, PAPER §5) and key-norm gain
-    ``key_norm_weight[j]`` (one-init). Rows 0..L-1 are the sublayer reads; with
-    ``final_aggregation`` row L is the final output aggregation. Both are kept in fp32.
-    """
-
-    def __init__(self, hidden_size: int, num_sublayers: int, final_aggregation: bool = True):
-        super().__init__(hidden_size, num_sublayers)
-        self.final_aggregation = final_aggregation
-        rows = num_sublayers + int(final_aggregation)
-        self.pseudo_query = nn.Parameter(torch.zeros(rows, hidden_size, dtype=torch.float32))
-        self.key_norm_weight = nn.Parameter(torch.ones(rows, hidden_size, dtype=torch.float32))
+        self.pseudo_query = nn.Parameter(torch.zeros(hidden_size, dtype=torch.float32))
+        self.key_norm_weight = nn.Parameter(torch.ones(hidden_size, dtype=torch.float32))
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
             self.pseudo_query.zero_()
             self.key_norm_weight.fill_(1.0)
 
-    def mix(self, j: int, sources: list[Tensor], norm: Norm) -> Tensor:
-        """Read point j: softmax over ``sources`` (oldest first) fused with ``norm``."""
-        if j >= self.num_sublayers:
-            raise RuntimeError(f"read point {j} does not exist: the scheme has {self.num_sublayers} sublayers")
-        return self._mix(j, sources, norm)
-
-    def final(self, sources: list[Tensor], norm: Norm) -> Tensor:
-        """The final output: an AttnRes read over all sources, or their plain sum."""
-        if self.final_aggregation:
-            return self._mix(self.num_sublayers, sources, norm)
-        h = sum(sources[1:], sources[0])
-        if self._records is not None:
-            self._records.append(DepthRead(self.num_sublayers, rms(h)))
-        return norm(h)
-
-    def folded_queries(self, start: int, end: int, dtype: torch.dtype) -> Tensor:
-        """q' = q * g of read points start..end-1 in ``dtype``, [end - start, D] (the key-norm gain folded in)."""
-        return self.pseudo_query[start:end].to(dtype) * self.key_norm_weight[start:end].to(dtype)
-
-    def _mix(self, j: int, sources: list[Tensor], norm: Norm) -> Tensor:
-        ct = compute_dtype(source_dtype(sources))
-        qp = self.pseudo_query[j].to(ct) * self.key_norm_weight[j].to(ct)  # as attn_res folds the gain
-        if self._records is None:
-            return read(qp, norm.weight.to(ct), norm.eps, sources)[0]
-        h, p = read(qp, None, norm.eps, sources)
-        self._records.append(DepthRead(j, rms(h), p.detach()))
-        return norm(h)
+    def folded(self, dtype: torch.dtype) -> Tensor:
+        """q' = q * g in ``dtype`` (the key-norm gain folded into the query, as attn_res does)."""
+        return self.pseudo_query.to(dtype) * self.key_norm_weight.to(dtype)
 
     def extra_repr(self) -> str:
-        return f"hidden_size={self.hidden_size}, num_sublayers={self.num_sublayers}, " \
-               f"final_aggregation={self.final_aggregation}"
+        return f"hidden_size={self.pseudo_query.shape[0]}"
+
+
+class ResidualScheme:
+    """A residual scheme: configuration and the functions of the state (see the module docstring)."""
+
+    name: str = ""
+    has_queries: bool = False  # whether its reads own a DepthQuery
+    final_aggregation: bool = False  # whether the final output is a read with its own DepthQuery
+
+    def __init__(self, num_sublayers: int, eps: float = 1e-6):
+        self.num_sublayers = num_sublayers
+        self.eps = eps  # epsilon of the key RMSNorm
+
+    def start(self, embedding: Tensor, ctx: Pass) -> State:
+        raise NotImplementedError
+
+    def plan(self, state: State, j: int, queries: Sequence[DepthQuery | None], ctx: Pass):
+        """Work shared by reads j, j+1, ... of one layer, computed once when the layer starts (or None)."""
+        return None
+
+    def read(self, state: State, j: int, query: DepthQuery | None, norm: nn.Module, ctx: Pass,
+             plan=None) -> Tensor:
+        raise NotImplementedError
+
+    def write(self, state: State, j: int, out: Tensor, ctx: Pass) -> State:
+        raise NotImplementedError
+
+    def finish(self, state: State, query: DepthQuery | None, norm: nn.Module, ctx: Pass) -> Tensor:
+        raise NotImplementedError
+
+    def _check_read(self, j: int) -> None:
+        if not 0 <= j < self.num_sublayers:
+            raise RuntimeError(f"read point {j} does not exist: the scheme has {self.num_sublayers} sublayers")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(num_sublayers={self.num_sublayers})"
+

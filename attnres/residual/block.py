@@ -1,91 +1,136 @@
-"""Block AttnRes (PAPER Eq. 5-6).
+"""Block AttnRes (PAPER Eq. 5-6) and Full AttnRes (Eq. 1-4, Block with S = 1).
 
 Sublayers are grouped into blocks of ``block_size`` (the paper's S, counted in sublayers).
 b_0 is the embedding, kept as its own source; b_n sums the outputs of block n's sublayers.
 The i-th sublayer of block n reads a softmax over [b_0, ..., b_{n-1}] (i = 1) or
 [b_0, ..., b_{n-1}, b_n^{i-1}] (i >= 2), where b_n^{i-1} is the partial sum so far. When the
 sublayer count is not a multiple of S, the last block is shorter and its partial sum is its
-representation.
+representation. With S = 1 every output is its own block: Full AttnRes.
 
-Reads use the two-phase schedule (PAPER Alg. 1, ``attnres.ops.two_phase``): when a block opens,
-phase 1 computes the inter-block terms of all its reads at once, against the completed blocks
-whose key statistics are computed once each; every read then merges its partial sum. Small
-inputs use the single joint read, which is the same function, and without autograd (decode steps)
-the bank stream of ``bank.py``; recording uses the joint read.
+The state *is* the source list: ``(b_0, ..., b_{n-1})`` or ``(b_0, ..., b_{n-1}, partial)``; whether
+the last entry is a partial sum follows from the sublayer index (j % S != 0). In ``Mode.TWO_PHASE``
+a layer's :meth:`plan` runs phase 1 (PAPER Alg. 1, ``attnres.ops.two_phase``) once for those of its
+reads that see the same completed blocks, and each of them merges its partial sum. ``Mode.BANK``
+keeps the sources in one preallocated tensor (``bank.py``).
 """
 
 from __future__ import annotations
 
-from torch import Tensor
+from collections.abc import Sequence
+from dataclasses import dataclass
 
-from ..ops import key_rstd, merged_read, phase1
+import torch
+from torch import Tensor, nn
+
+from ..ops import InterBlock, key_rstd, merged_read, phase1
 from ..ops._checks import compute_dtype, source_dtype
-from .bank import BankStream, use_bank
-from .base import AttnResScheme, Norm, ResidualStream
-
-# below this many tokens per forward a read is too small for phase 1 to pay for its extra ops
-TWO_PHASE_MIN_TOKENS = 64
-
-
-class BlockStream(ResidualStream):
-    def __init__(self, scheme: BlockAttnRes, embedding: Tensor):
-        self.scheme = scheme
-        self.blocks = [embedding]  # b_0, then every completed block
-        self.partial: Tensor | None = None  # b_n^i; None while i = 0
-        self.count = 0  # sublayers written so far
-        tokens = embedding.numel() // embedding.shape[-1]
-        self.two_phase = scheme.two_phase and tokens >= TWO_PHASE_MIN_TOKENS and scheme._records is None
-        self.rstd: list[Tensor] = []  # key rstd of each completed block, filled by phase 1
-        self.queries: Tensor | None = None  # folded queries of the open block's reads
-        self.inter = None  # their phase-1 terms
-
-    def _sources(self) -> list[Tensor]:
-        return self.blocks if self.partial is None else [*self.blocks, self.partial]
-
-    def read(self, norm: Norm) -> Tensor:
-        j = self.count
-        if not self.two_phase or j >= self.scheme.num_sublayers:
-            return self.scheme.mix(j, self._sources(), norm)
-        i = j % self.scheme.block_size
-        if i == 0:  # the block opens: phase 1 for all of its reads
-            end = min(j + self.scheme.block_size, self.scheme.num_sublayers)
-            self.queries = self.scheme.folded_queries(j, end, compute_dtype(source_dtype(self.blocks)))
-            self.rstd += [key_rstd(b, norm.eps) for b in self.blocks[len(self.rstd):]]
-            self.inter = phase1(self.queries, self.blocks, self.rstd)
-        out, _ = merged_read(self.queries[i], self.inter[i], self.blocks, self.partial, norm.weight, norm.eps)
-        return out
-
-    def write(self, out: Tensor) -> None:
-        self.partial = out if self.partial is None else self.partial + out
-        self.count += 1
-        if self.count % self.scheme.block_size == 0:
-            self.blocks.append(self.partial)
-            self.partial = None
-
-    def finish(self, norm: Norm) -> Tensor:
-        return self.scheme.final(self._sources(), norm)
+from ..ops.attn_res import read as attn_read
+from . import bank
+from .base import DepthQuery, DepthRead, Mode, Pass, ResidualScheme, State, rms
+from .norm import fusable
 
 
-class BlockAttnRes(AttnResScheme):
+@dataclass(frozen=True)
+class TwoPhasePlan:
+    """Phase-1 terms of reads ``first .. first + len(inter) - 1`` against ``blocks``."""
+
+    first: int
+    blocks: State
+    queries: Tensor  # folded, [k, D]
+    inter: list[InterBlock]
+
+
+class BlockAttnRes(ResidualScheme):
     name = "block"
+    has_queries = True
 
-    def __init__(self, hidden_size: int, num_sublayers: int, block_size: int, final_aggregation: bool = True,
-                 two_phase: bool = True):
+    def __init__(self, num_sublayers: int, block_size: int, final_aggregation: bool = True, eps: float = 1e-6):
         if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size <= 0:
             raise ValueError(f"block_size must be a positive int (sublayers per block), got {block_size!r}")
-        super().__init__(hidden_size, num_sublayers, final_aggregation)
+        super().__init__(num_sublayers, eps)
         self.block_size = block_size
-        self.two_phase = two_phase
+        self.final_aggregation = bool(final_aggregation)
 
     @property
     def num_blocks(self) -> int:
         """Blocks after the embedding (the paper's N), counting a shorter tail block."""
         return -(-self.num_sublayers // self.block_size)
 
-    def start(self, embedding: Tensor) -> ResidualStream:
-        if use_bank(self, embedding):
-            return BankStream(self, embedding, self.block_size)
-        return BlockStream(self, embedding)
+    def start(self, embedding: Tensor, ctx: Pass) -> State:
+        if ctx.mode is Mode.BANK:
+            return bank.start(embedding, 1 + self.num_blocks)
+        return (embedding,)
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, block_size={self.block_size}, two_phase={self.two_phase}"
+    def write(self, state: State, j: int, out: Tensor, ctx: Pass) -> State:
+        if ctx.mode is Mode.BANK:
+            return bank.write(state, j, out, self.block_size)
+        if j % self.block_size == 0:  # opens a block: the output is its partial sum
+            return (*state, out)
+        return (*state[:-1], state[-1] + out)
+
+    def plan(self, state: State, j: int, queries: Sequence[DepthQuery | None], ctx: Pass) -> TwoPhasePlan | None:
+        if ctx.mode is not Mode.TWO_PHASE:
+            return None
+        n = j // self.block_size
+        k = sum(1 for i in range(len(queries)) if (j + i) // self.block_size == n and j + i < self.num_sublayers)
+        if k < 2:  # one read: phase 1 would be the joint read taken apart
+            return None
+        blocks = state[: n + 1]
+        qs = torch.stack([q.folded(compute_dtype(source_dtype(blocks))) for q in queries[:k]])
+        return TwoPhasePlan(j, blocks, qs, phase1(qs, blocks, [key_rstd(b, self.eps) for b in blocks]))
+
+    def read(self, state: State, j: int, query: DepthQuery | None, norm: nn.Module, ctx: Pass,
+             plan: TwoPhasePlan | None = None) -> Tensor:
+        self._check_read(j)
+        if ctx.mode is Mode.BANK:
+            return bank.read(state, bank.sources(state, j, self.block_size), query.folded(state[0].dtype),
+                             norm, self.eps, self._fuse(norm, ctx))
+        if plan is not None and j - plan.first < len(plan.inter):
+            return self._merged(state, j, plan, norm)
+        return self._joint(j, state, query, norm, ctx)
+
+    def finish(self, state: State, query: DepthQuery | None, norm: nn.Module, ctx: Pass) -> Tensor:
+        j = self.num_sublayers
+        if ctx.mode is Mode.BANK:
+            qp = query.folded(state[0].dtype) if self.final_aggregation else None
+            return bank.read(state, bank.sources(state, j, self.block_size), qp, norm, self.eps, self._fuse(norm, ctx))
+        if self.final_aggregation:
+            return self._joint(j, state, query, norm, ctx)
+        h = sum(state[1:], state[0])
+        if ctx.records is not None:
+            ctx.records.append(DepthRead(j, rms(h)))
+        return norm(h)
+
+    def _fuse(self, norm: nn.Module, ctx: Pass) -> bool:
+        return ctx.records is None and fusable(norm) and norm.eps == self.eps
+
+    def _joint(self, j: int, sources: State, query: DepthQuery, norm: nn.Module, ctx: Pass) -> Tensor:
+        ct = compute_dtype(source_dtype(sources))
+        qp = query.folded(ct)
+        if self._fuse(norm, ctx):
+            return attn_read(qp, norm.weight.to(ct), self.eps, sources)[0]
+        h, p = attn_read(qp, None, self.eps, sources)
+        if ctx.records is not None:
+            ctx.records.append(DepthRead(j, rms(h), p.detach()))
+        return norm(h)
+
+    def _merged(self, state: State, j: int, plan: TwoPhasePlan, norm: nn.Module) -> Tensor:
+        k, n = j - plan.first, len(plan.blocks)
+        partial = state[n] if j % self.block_size else None
+        qp = plan.queries[k]
+        if fusable(norm) and norm.eps == self.eps:
+            return merged_read(qp, plan.inter[k], plan.blocks, partial, norm.weight, self.eps)[0]
+        return norm(merged_read(qp, plan.inter[k], plan.blocks, partial, None, self.eps)[0])
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(num_sublayers={self.num_sublayers}, block_size={self.block_size}, "
+                f"final_aggregation={self.final_aggregation})")
+
+
+class FullAttnRes(BlockAttnRes):
+    """Full AttnRes: every sublayer output is its own source (Block with S = 1)."""
+
+    name = "full"
+
+    def __init__(self, num_sublayers: int, final_aggregation: bool = True, eps: float = 1e-6):
+        super().__init__(num_sublayers, 1, final_aggregation, eps)

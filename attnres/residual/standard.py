@@ -1,33 +1,30 @@
-"""The PreNorm residual sum: h_{l+1} = h_l + f_l(norm(h_l))."""
+"""The PreNorm residual sum: h_{l+1} = h_l + f_l(norm(h_l)). The state is ``(h,)``."""
 
 from __future__ import annotations
 
-from torch import Tensor
+from torch import Tensor, nn
 
-from .base import DepthRead, Norm, ResidualScheme, ResidualStream, rms
-
-
-class StandardStream(ResidualStream):
-    def __init__(self, scheme: StandardResidual, embedding: Tensor):
-        self.scheme = scheme
-        self.h = embedding
-        self.count = 0
-
-    def read(self, norm: Norm) -> Tensor:
-        if self.scheme._records is not None:
-            self.scheme._records.append(DepthRead(self.count, rms(self.h)))
-        return norm(self.h)
-
-    def write(self, out: Tensor) -> None:
-        self.h = self.h + out
-        self.count += 1
-
-    def finish(self, norm: Norm) -> Tensor:
-        return self.read(norm)
+from .base import DepthQuery, DepthRead, Pass, ResidualScheme, State, rms
 
 
 class StandardResidual(ResidualScheme):
     name = "standard"
 
-    def start(self, embedding: Tensor) -> StandardStream:
-        return StandardStream(self, embedding)
+    def start(self, embedding: Tensor, ctx: Pass) -> State:
+        return (embedding,)
+
+    def read(self, state: State, j: int, query: DepthQuery | None, norm: nn.Module, ctx: Pass,
+             plan=None) -> Tensor:
+        self._check_read(j)
+        return self._normed(state, j, norm, ctx)
+
+    def write(self, state: State, j: int, out: Tensor, ctx: Pass) -> State:
+        return (state[0] + out,)
+
+    def finish(self, state: State, query: DepthQuery | None, norm: nn.Module, ctx: Pass) -> Tensor:
+        return self._normed(state, self.num_sublayers, norm, ctx)
+
+    def _normed(self, state: State, j: int, norm: nn.Module, ctx: Pass) -> Tensor:
+        if ctx.records is not None:
+            ctx.records.append(DepthRead(j, rms(state[0])))
+        return norm(state[0])

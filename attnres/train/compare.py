@@ -276,7 +276,7 @@ def num_blocks(cfg: TrainConfig) -> int:
     from ..residual import BlockAttnRes
 
     mc = replace(cfg, residual="block").model_config()
-    return BlockAttnRes(1, mc.num_sublayers, mc.block_size).num_blocks
+    return BlockAttnRes(mc.num_sublayers, mc.block_size).num_blocks
 
 
 def _schedule(history: list[tuple[int, int]], step: int, max_steps: int) -> list[tuple[int, int]]:

@@ -1,6 +1,6 @@
 """Optimizers, parameter groups and learning-rate schedules.
 
-Parameter groups (PAPER §10): the AttnRes parameters (``model.residual.pseudo_query`` and
+Parameter groups (PAPER §10): the AttnRes parameters (each read point's ``pseudo_query`` and
 ``key_norm_weight``) and every 1-D parameter (RMSNorm gains) get no weight decay and stay fp32.
 With ``optimizer="muon"``, ``torch.optim.Muon`` updates the 2-D hidden weights (attention and MLP
 projections) and AdamW everything else (embeddings, LM head, gains, AttnRes parameters); Muon uses
@@ -17,10 +17,12 @@ from torch import nn
 
 from .config import TrainConfig
 
+ATTNRES_PARAMS = ("pseudo_query", "key_norm_weight")  # DepthQuery's parameter names
+
 
 def is_no_decay(name: str, param: torch.Tensor) -> bool:
     """AttnRes parameters and 1-D parameters (norm gains, biases) are not weight-decayed."""
-    return param.ndim < 2 or "residual." in name
+    return param.ndim < 2 or name.rsplit(".", 1)[-1] in ATTNRES_PARAMS
 
 
 def is_muon_param(name: str, param: torch.Tensor) -> bool:

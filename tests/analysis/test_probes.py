@@ -227,14 +227,15 @@ def test_full_read_1_weights_are_the_reference_read_over_embedding_then_attentio
     randomize_attnres(model)
     x = token_ids()
     dw = collect_probes(model, x)["depth_weights"]
-    inner, res = model.model, model.model.residual
+    inner = model.model
     with torch.no_grad():
         emb = inner.embed_tokens(x)
         layer = inner.layers[0]
         rope = inner._rope(torch.arange(x.shape[1])[None], emb.dtype)
         # read 0 has only the embedding, so attention 0 sees the normalised embedding
         attn = layer.self_attn(layer.input_layernorm(emb), rope, None, True, None)
-        _, p = naive_attn_res(res.pseudo_query[1], [emb, attn], res.key_norm_weight[1],
+        read = layer.mlp_res  # read point 1: before layer 0's MLP
+        _, p = naive_attn_res(read.pseudo_query, [emb, attn], read.key_norm_weight,
                               rms_eps=layer.post_attention_layernorm.eps, return_weights=True)
     expected = p.flatten(1).mean(1).tolist()
     assert abs(expected[0] - expected[1]) > 1e-3  # the two sources are told apart

@@ -6,8 +6,7 @@ import torch._dynamo as dynamo
 from torch._dynamo.utils import counters
 
 from attnres import AttnResForCausalLM
-from attnres.residual.bank import BANK_MAX_TOKENS
-from attnres.residual.block import TWO_PHASE_MIN_TOKENS
+from attnres.models.modeling import BANK_MAX_TOKENS, TWO_PHASE_MIN_TOKENS
 
 from .test_model import ids, randomize_attnres, tiny
 

@@ -99,7 +99,7 @@ def test_attnres_hidden_states_are_the_layer_reads(residual):
     with torch.no_grad():
         plain = model(x)
         out = model(x, output_hidden_states=True, output_attentions=True)
-        with model.model.residual.record() as reads:
+        with model.model.record() as reads:
             model(x)
     torch.testing.assert_close(out.logits, plain.logits, rtol=1e-10, atol=1e-10)
     h = out.hidden_states

@@ -49,7 +49,8 @@ def test_standard_state_dict_loads_with_only_attnres_params_missing(residual):
     standard = AttnResForCausalLM(tiny("standard"))
     model = AttnResForCausalLM(tiny(residual))
     missing, unexpected = model.load_state_dict(standard.state_dict(), strict=False)
-    assert sorted(missing) == ["model.residual.key_norm_weight", "model.residual.pseudo_query"]
+    reads = [f"model.layers.{i}.{r}" for i in range(3) for r in ("attn_res", "mlp_res")] + ["model.output_res"]
+    assert sorted(missing) == sorted(f"{r}.{p}" for r in reads for p in ("pseudo_query", "key_norm_weight"))
     assert unexpected == []
 
 
@@ -162,7 +163,8 @@ def test_save_load_and_auto_classes_round_trip_exactly(residual, tmp_path):
 def test_attnres_parameters_stay_fp32_when_loading_in_bf16(tmp_path):
     AttnResForCausalLM(tiny("block")).save_pretrained(tmp_path)
     model = AttnResForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
-    assert model.model.residual.pseudo_query.dtype == torch.float32
+    attnres = [p for n, p in model.named_parameters() if n.endswith(("pseudo_query", "key_norm_weight"))]
+    assert len(attnres) == 2 * (2 * 3 + 1) and all(p.dtype == torch.float32 for p in attnres)
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16
     out = model(ids())
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits.float()).all()
@@ -170,9 +172,17 @@ def test_attnres_parameters_stay_fp32_when_loading_in_bf16(tmp_path):
 
 def test_fresh_model_has_zero_queries_and_unit_gains():
     model = AttnResForCausalLM(tiny("full"))
-    r = model.model.residual
-    assert not r.pseudo_query.any() and (r.key_norm_weight == 1).all()
-    assert r.pseudo_query.shape == (2 * 3 + 1, 48)
+    inner = model.model
+    reads = [m for layer in inner.layers for m in (layer.attn_res, layer.mlp_res)] + [inner.output_res]
+    assert [type(m).__name__ for m in reads] == ["DepthQuery"] * (2 * 3 + 1)
+    for m in reads:
+        assert m.pseudo_query.shape == (48,) and not m.pseudo_query.any() and (m.key_norm_weight == 1).all()
+        assert m.pseudo_query.dtype == m.key_norm_weight.dtype == torch.float32
+
+
+def test_standard_model_has_no_read_parameters():
+    model = AttnResForCausalLM(tiny("standard"))
+    assert model.model.output_res is None and all(layer.attn_res is None for layer in model.model.layers)
 
 
 @pytest.mark.parametrize(

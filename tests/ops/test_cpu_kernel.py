@@ -58,8 +58,11 @@ def test_dispatch(monkeypatch):
     attn_res(q, [s.t().contiguous().t() for s in [torch.randn(8, 8) for _ in range(3)]])  # non-contiguous
     attn_res(q, [src[0], src[1].double(), src[2]])  # mixed dtypes
     assert len(calls) == 1
-    monkeypatch.setenv("ATTNRES_CPU_KERNEL", "0")
-    attn_res(q, src)
+    cpu_kernel.set_enabled(False)
+    try:
+        attn_res(q, src)
+    finally:
+        cpu_kernel.set_enabled(True)
     assert len(calls) == 1
 
 

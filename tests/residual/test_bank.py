@@ -1,11 +1,11 @@
-"""The no-grad bank stream (decode) computes the same reads as the autograd streams."""
+"""The no-grad bank state (cached decode) computes the same reads as the stream state."""
 
 import pytest
 import torch
 
-from attnres.models.modeling import RMSNorm
-from attnres.residual import BlockAttnRes, FullAttnRes
-from attnres.residual.bank import BANK_MAX_TOKENS, BankStream
+from attnres.residual import BlockAttnRes, FullAttnRes, Mode, Pass, RMSNorm
+
+from .test_streams import drive, queries
 
 pytestmark = pytest.mark.usefixtures("cpu_read_impl")  # fused CPU kernel and PyTorch path
 
@@ -17,94 +17,53 @@ def Norm(d, gen, dtype=torch.float64):
     return norm
 
 
-def drive(scheme, embedding, outputs, norms):
-    stream = scheme.start(embedding)
-    reads = []
-    for out, norm in zip(outputs, norms[:-1], strict=True):
-        reads.append(stream.read(norm))
-        stream.write(out)
-    reads.append(stream.finish(norms[-1]))
-    return type(stream), reads
-
-
 @pytest.mark.parametrize("final_aggregation", [True, False])
 @pytest.mark.parametrize("scheme_args", [("full", 1), ("full", 7), ("block", 4, 2), ("block", 5, 2), ("block", 7, 3),
                                          ("block", 6, 4), ("block", 3, 8), ("block", 6, 1)])
-def test_bank_reads_equal_the_autograd_stream(scheme_args, final_aggregation):
+def test_bank_reads_equal_the_stream_reads(scheme_args, final_aggregation):
     gen = torch.Generator().manual_seed(len(scheme_args) * 10 + scheme_args[1])
-    d = 24
+    d, n = 24, scheme_args[1]
     if scheme_args[0] == "full":
-        scheme = FullAttnRes(d, scheme_args[1], final_aggregation)
+        scheme = FullAttnRes(n, final_aggregation)
     else:
-        scheme = BlockAttnRes(d, scheme_args[1], scheme_args[2], final_aggregation)
-    scheme = scheme.double()
-    with torch.no_grad():
-        scheme.pseudo_query.normal_(generator=gen)
-        scheme.key_norm_weight.uniform_(0.5, 1.5, generator=gen)
-    n = scheme.num_sublayers
+        scheme = BlockAttnRes(n, scheme_args[2], final_aggregation)
+    qs = queries(n + 1, d, gen)
     embedding = torch.randn(2, 3, d, dtype=torch.float64, generator=gen)
     outputs = [torch.randn(2, 3, d, dtype=torch.float64, generator=gen) * (j + 1) for j in range(n)]
     norms = [Norm(d, gen) for _ in range(n + 1)]
+    sublayer = lambda j, x: outputs[j] + 0.1 * x  # noqa: E731 - outputs depend on the reads
 
-    kind, want = drive(scheme, embedding, outputs, norms)
-    assert kind is not BankStream
+    want = drive(scheme, embedding, sublayer, norms, qs, Pass(Mode.STREAM))
     with torch.no_grad():
-        kind, got = drive(scheme, embedding, outputs, norms)
-    assert kind is BankStream
+        got = drive(scheme, embedding, sublayer, norms, qs, Pass(Mode.BANK))
     assert len(got) == len(want) == n + 1
     for j, (g, w) in enumerate(zip(got, want, strict=True)):
         assert g.dtype == w.dtype and g.shape == w.shape
-        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12, msg=f"read {j}")
+        torch.testing.assert_close(g, w.detach(), rtol=1e-12, atol=1e-12, msg=f"read {j}")
 
 
-def test_bank_only_for_small_no_grad_inputs():
-    scheme = BlockAttnRes(8, 4, 2)
+def test_bank_state_is_one_preallocated_tensor_written_in_place():
+    scheme = BlockAttnRes(4, 2)
+    ctx = Pass(Mode.BANK)
     with torch.no_grad():
-        assert isinstance(scheme.start(torch.zeros(1, BANK_MAX_TOKENS - 1, 8)), BankStream)
-        assert not isinstance(scheme.start(torch.zeros(1, BANK_MAX_TOKENS, 8)), BankStream)
-        with scheme.record():
-            assert not isinstance(scheme.start(torch.zeros(1, 1, 8)), BankStream)
-    assert not isinstance(scheme.start(torch.zeros(1, 1, 8)), BankStream)
+        state = scheme.start(torch.randn(1, 2, 8), ctx)
+        bank = state[0]
+        assert bank.shape == (1 + 2, 1, 2, 8)
+        for j in range(4):
+            state = scheme.write(state, j, torch.ones(1, 2, 8), ctx)
+            assert state[0] is bank
+    assert torch.equal(bank[1:], torch.full((2, 1, 2, 8), 2.0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_bank_keeps_the_stream_dtype(dtype):
-    scheme = BlockAttnRes(16, 4, 2)
+def test_bank_keeps_the_activation_dtype(dtype):
+    scheme = BlockAttnRes(4, 2)
     norm = Norm(16, torch.Generator().manual_seed(0), dtype)
+    q = queries(1, 16)[0].float()
+    ctx = Pass(Mode.BANK)
     with torch.no_grad():
-        stream = scheme.start(torch.randn(1, 2, 16).to(dtype))
-        x = stream.read(norm)
-        stream.write(x)
-        assert stream.read(norm).dtype == dtype and stream.finish(norm).dtype == dtype
-
-
-@pytest.mark.parametrize("final_aggregation", [True, False])
-def test_bank_finish_before_the_last_sublayer_reads_what_was_written(final_aggregation):
-    gen = torch.Generator().manual_seed(3)
-    scheme = FullAttnRes(16, 6, final_aggregation).double()
-    with torch.no_grad():
-        scheme.pseudo_query.normal_(generator=gen)
-    embedding = torch.randn(1, 2, 16, dtype=torch.float64, generator=gen)
-    outputs = [torch.randn(1, 2, 16, dtype=torch.float64, generator=gen) for _ in range(2)]
-    norm = Norm(16, gen)
-    results = []
-    for grad in (True, False):
-        with torch.set_grad_enabled(grad):
-            stream = scheme.start(embedding)
-            for out in outputs:
-                stream.read(norm)
-                stream.write(out)
-            results.append(stream.finish(norm))
-    assert type(stream) is BankStream
-    torch.testing.assert_close(results[1], results[0].detach(), rtol=1e-12, atol=1e-12)
-
-
-def test_bank_read_past_the_last_sublayer_is_an_error():
-    scheme = BlockAttnRes(8, 2, 1)
-    norm = Norm(8, torch.Generator().manual_seed(0), torch.float32)
-    with torch.no_grad():
-        stream = scheme.start(torch.randn(1, 1, 8))
-        for _ in range(2):
-            stream.write(stream.read(norm))
-        with pytest.raises(RuntimeError, match="read point 2 does not exist"):
-            stream.read(norm)
+        state = scheme.start(torch.randn(1, 2, 16).to(dtype), ctx)
+        assert state[0].dtype == torch.float32  # the bank is in the compute dtype
+        x = scheme.read(state, 0, q, norm, ctx)
+        state = scheme.write(state, 0, x, ctx)
+        assert x.dtype == dtype and scheme.read(state, 1, q, norm, ctx).dtype == dtype

@@ -7,7 +7,7 @@ import torch
 
 from attnres import AttnResForCausalLM
 from attnres.train import build_optimizers, load_config, lr_factor, param_groups
-from attnres.train.optim import build_schedulers
+from attnres.train.optim import build_schedulers, is_no_decay
 
 from .helpers import TINY
 
@@ -28,16 +28,14 @@ def test_attnres_and_1d_params_get_no_weight_decay_and_stay_fp32(optimizer, resi
     for g in groups:
         for p in g["params"]:
             name = names[id(p)]
-            if "residual." in name or p.ndim < 2:
+            if name.endswith(("pseudo_query", "key_norm_weight")) or p.ndim < 2:
                 assert g["weight_decay"] == 0.0, name
                 assert p.dtype == torch.float32, name
             else:
                 assert g["weight_decay"] == 0.1, name
-    attnres = [n for n in names.values() if "residual." in n]
+    attnres = [n for n in names.values() if n.endswith(("pseudo_query", "key_norm_weight"))]
     assert (residual == "standard") == (not attnres)
-    assert all(
-        p.ndim == 2 for n, p in model.named_parameters() if "residual." in n
-    )  # [reads, D]: by name, not ndim
+    assert all(is_no_decay(n, model.get_parameter(n)) for n in attnres)
 
 
 def test_muon_takes_only_2d_hidden_weights_and_both_optimizers_step():

@@ -262,7 +262,9 @@ def test_arms_start_from_identical_shared_weights(tiny_cfg):
     ref = models["standard"].state_dict()
     for residual in ("block", "full"):
         sd = models[residual].state_dict()
-        assert set(sd) - set(ref) == {"model.residual.pseudo_query", "model.residual.key_norm_weight"}
+        reads = [f"model.layers.{i}.{r}" for i in range(tiny_cfg().num_hidden_layers) for r in ("attn_res", "mlp_res")]
+        assert set(sd) - set(ref) == {f"{r}.{p}" for r in [*reads, "model.output_res"]
+                                      for p in ("pseudo_query", "key_norm_weight")}
         assert all(torch.equal(ref[k], sd[k]) for k in ref)
 
 

@@ -1,0 +1,30 @@
+"""Which implementation runs a read: one decision, from explicit inputs.
+
+- inside ``torch.compile``: the PyTorch ops (inductor fuses them; the extensions are opaque to it);
+- CUDA tensors: the Triton kernel (``triton_read``) when Triton is installed;
+- CPU: the fused C++ kernel (``cpu_kernel``) for contiguous fp32/fp64 sources of one dtype, when it
+  is built and not turned off;
+- otherwise the PyTorch ops (``attn_res._AttnResRead``), which compute the same function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import cpu_kernel
+
+TORCH, CPU, TRITON = "torch", "cpu", "triton"
+
+
+def read_impl(qp: Tensor, sources: Sequence[Tensor], w: Tensor | None = None) -> str:
+    """The implementation for a read of folded query ``qp`` over ``sources`` (output gain ``w``)."""
+    if torch.compiler.is_compiling():
+        return TORCH
+    if qp.is_cuda:
+        from .triton_read import TRITON_AVAILABLE
+
+        return TRITON if TRITON_AVAILABLE else TORCH
+    return CPU if cpu_kernel.usable(qp, sources, w) else TORCH
