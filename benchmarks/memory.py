@@ -6,6 +6,8 @@ import argparse
 
 import torch
 
+from attnres.models import enable_activation_checkpointing
+
 from .common import RESIDUALS, build_model, md_table, model_kwargs
 
 
@@ -50,13 +52,18 @@ def run(args, device: torch.device) -> dict:
         0, model_kwargs(args.quick)["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(args.seed)
     ).to(device)
     rows = []
-    for res in RESIDUALS:
-        model = build_model(res, args.seed, device, args.quick).train()
-        param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        for scope in ("model+loss", "decoder"):
-            rows.append({"residual": res, "param_bytes": param_bytes} | _measure(model, ids, scope))
-    for r in rows:
-        base = next(b for b in rows if b["residual"] == "standard" and b["scope"] == r["scope"])
+    for checkpointing in (False, True):
+        for res in RESIDUALS:
+            model = build_model(res, args.seed, device, args.quick).train()
+            if checkpointing:  # every decoder layer recomputed in backward, AttnRes reads included
+                enable_activation_checkpointing(model)
+            param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            for scope in ("model+loss", "decoder"):
+                row = {"residual": res, "checkpointing": checkpointing, "param_bytes": param_bytes}
+                rows.append(row | _measure(model, ids, scope))
+    for r in rows:  # against standard *without* checkpointing
+        base = next(b for b in rows if b["residual"] == "standard" and not b["checkpointing"]
+                    and b["scope"] == r["scope"])
         r["total_vs_standard"] = r["saved_bytes_total"] / base["saved_bytes_total"]
         r["activations_vs_standard"] = r["saved_bytes_activations"] / base["saved_bytes_activations"]
     return {
@@ -66,7 +73,8 @@ def run(args, device: torch.device) -> dict:
         "device": str(device),
         "rows": rows,
         "headline": {
-            f"{r['residual']}/{r['scope']}": r["activations_vs_standard"] for r in rows if r["residual"] != "standard"
+            f"{r['residual']}{'+ckpt' if r['checkpointing'] else ''}/{r['scope']}": r["activations_vs_standard"]
+            for r in rows if r["residual"] != "standard" or r["checkpointing"]
         },
     }
 
@@ -76,6 +84,7 @@ def to_markdown(res: dict) -> str:
     rows = [
         (
             r["residual"],
+            "on" if r["checkpointing"] else "off",
             r["scope"],
             r["saved_bytes_total"] / mib,
             r["saved_bytes_params"] / mib,
@@ -91,7 +100,9 @@ def to_markdown(res: dict) -> str:
         f"One training forward, batch {res['batch']} x {res['seq']}, device {res['device']}: bytes of the "
         "distinct storages that autograd saves (saved_tensors_hooks, deduplicated by storage pointer). "
         "'params' = saved storages that are parameters; 'activations' = the rest. Scope 'decoder' = "
-        "model.model only (no LM head / loss, whose fp32 logits dominate 'model+loss')."
+        "model.model only (no LM head / loss, whose fp32 logits dominate 'model+loss'). Activation checkpointing: "
+        "attnres.models.enable_activation_checkpointing (non-reentrant; every decoder layer, AttnRes reads "
+        "included, recomputed in backward); ratios are against standard without it."
     )
     return (
         head
@@ -99,6 +110,7 @@ def to_markdown(res: dict) -> str:
         + md_table(
             [
                 "residual",
+                "activation checkpointing",
                 "scope",
                 "saved MiB",
                 "of which params MiB",

@@ -348,6 +348,17 @@ class AttnResModel(AttnResPreTrainedModel):
                 h.remove()
 
 
+def enable_activation_checkpointing(model: PreTrainedModel, use_reentrant: bool = False) -> None:
+    """Recompute every decoder layer (AttnRes reads included) in backward: HF's
+    ``activation_checkpointing_enable`` where the installed transformers has it (>= 5.24, where
+    ``gradient_checkpointing_enable`` is a deprecated alias), else ``gradient_checkpointing_enable``."""
+    kwargs = {"use_reentrant": use_reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def _convert_legacy_hook(module, state_dict, prefix, *args) -> None:
     convert_legacy_state_dict(state_dict, prefix)
 

@@ -94,6 +94,8 @@ class TrainConfig:
     checkpoint_every: int = 50
     seed: int = 0  # model init and data order
     bf16: bool = False  # torch.autocast("cpu"/"cuda", bfloat16) around forward; params stay fp32
+    # recompute each decoder layer (AttnRes reads included) in backward: less activation memory, more compute
+    activation_checkpointing: bool = False
     probes: bool = True  # record attnres.analysis.collect_probes at every evaluation
     probe_batch_size: int = 4
     device: str = "cpu"

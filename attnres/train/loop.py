@@ -80,6 +80,7 @@ RESUMABLE_KEYS = {
     "probe_batch_size",
     "data_dir",
     "num_threads",
+    "activation_checkpointing",
 }
 
 

@@ -100,16 +100,19 @@ class TrainState:
 
 def build_model(cfg: TrainConfig, vocab: int, ckpt: Path | None = None) -> nn.Module:
     """A fresh model for ``cfg`` (seed first), or ``ckpt``'s, whose vocabulary must be ``vocab``."""
-    from ..models import AttnResForCausalLM
+    from ..models import AttnResForCausalLM, enable_activation_checkpointing
 
     if ckpt is None:
-        return AttnResForCausalLM(cfg.model_config(vocab_size=vocab))
-    model = load_model(ckpt)  # CheckpointError naming the file if it is truncated/corrupt
-    if model.config.vocab_size != vocab:
-        raise CheckpointError(
-            f"tokenizer/model vocab mismatch: the data's tokenizer has {vocab} tokens, the "
-            f"checkpoint's model {model.config.vocab_size}"
-        )
+        model = AttnResForCausalLM(cfg.model_config(vocab_size=vocab))
+    else:
+        model = load_model(ckpt)  # CheckpointError naming the file if it is truncated/corrupt
+        if model.config.vocab_size != vocab:
+            raise CheckpointError(
+                f"tokenizer/model vocab mismatch: the data's tokenizer has {vocab} tokens, the "
+                f"checkpoint's model {model.config.vocab_size}"
+            )
+    if cfg.activation_checkpointing:
+        enable_activation_checkpointing(model)
     return model
 
 

@@ -1,10 +1,13 @@
 """Every path the model can take (stream, two-phase, bank, recording, activation checkpointing) against a
 plain forward written with ``naive_attn_res`` and explicit source lists (PAPER Eq. 1-6), in float64."""
 
+import warnings
+
 import pytest
 import torch
 
 from attnres import AttnResForCausalLM, naive_attn_res
+from attnres.models import enable_activation_checkpointing
 from attnres.residual import Mode
 
 from .test_model import ids, randomize_attnres, tiny
@@ -128,11 +131,7 @@ def test_a_foreign_or_hooked_norm_is_called_not_fused(residual, extra):
 
 
 def _checkpointing(model, reentrant):
-    kw = {"use_reentrant": reentrant}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24 (gradient_... is deprecated)
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+    enable_activation_checkpointing(model, use_reentrant=reentrant)
 
 
 @pytest.mark.parametrize("residual, extra", SHAPES)
@@ -157,9 +156,11 @@ def test_activation_checkpointing_gives_the_same_gradients_recomputing_each_laye
 
 def test_gradient_checkpointing_enable_is_the_hf_entry_point():
     model = build("block", {})
-    model.gradient_checkpointing_enable()
-    assert model.is_gradient_checkpointing and all(layer.gradient_checkpointing for layer in model.model.layers)
-    model.gradient_checkpointing_disable()
+    with warnings.catch_warnings():  # transformers >= 5.24 deprecates this name for activation_checkpointing_*
+        warnings.simplefilter("ignore", FutureWarning)
+        model.gradient_checkpointing_enable()
+        assert all(layer.gradient_checkpointing for layer in model.model.layers)
+        model.gradient_checkpointing_disable()
     assert not any(layer.gradient_checkpointing for layer in model.model.layers)
 
 

@@ -300,3 +300,23 @@ def test_num_threads_applies_to_the_run_only(tmp_path, tiny_cfg):
     train(tiny_cfg(num_threads=1, max_steps=2, eval_every=2), tmp_path / "run", progress=False)
     assert json.loads((tmp_path / "run" / "run.json").read_text())["versions"]["torch_threads"] == 1
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("residual", ["standard", "block", "full"])
+def test_activation_checkpointing_trains_to_the_same_losses(tmp_path, tiny_cfg, residual, monkeypatch):
+    from attnres.models.modeling import DecoderLayer
+
+    bodies = []
+    real = DecoderLayer._sublayers
+    monkeypatch.setattr(DecoderLayer, "_sublayers", lambda *a, **k: bodies.append(1) or real(*a, **k))
+    runs, calls = {}, {}
+    for on in (False, True):
+        bodies.clear()
+        cfg = tiny_cfg(residual=residual, max_steps=3, eval_every=3, probes=False, activation_checkpointing=on)
+        train(cfg, tmp_path / str(on), progress=False)
+        calls[on] = len(bodies)
+        rows = read_metrics(tmp_path / str(on) / "metrics.jsonl")
+        runs[on] = [(r.get("train_loss"), r.get("val_loss")) for r in rows if "train_loss" in r or "val_loss" in r]
+    layers = tiny_cfg().num_hidden_layers
+    assert calls[True] - calls[False] == 3 * layers  # each training step recomputed every layer once
+    assert runs[True] == runs[False]
