@@ -76,8 +76,9 @@ class DepthQuery(nn.Module):
             self.pseudo_query.zero_()
             self.key_norm_weight.fill_(1.0)
 
-    def folded(self, dtype: torch.dtype) -> Tensor:
-        """q' = q * g in ``dtype`` (the key-norm gain folded into the query, as attn_res does)."""
+    def forward(self, dtype: torch.dtype) -> Tensor:
+        """q' = q * g in ``dtype`` (the key-norm gain folded into the query, as attn_res does). Reads call
+        the module, so module hooks (FSDP2's all-gather, a per-module mixed-precision policy) run."""
         return self.pseudo_query.to(dtype) * self.key_norm_weight.to(dtype)
 
     def extra_repr(self) -> str:

@@ -76,14 +76,14 @@ class BlockAttnRes(ResidualScheme):
         if k < 2:  # one read: phase 1 would be the joint read taken apart
             return None
         blocks = state[: n + 1]
-        qs = torch.stack([q.folded(compute_dtype(source_dtype(blocks))) for q in queries[:k]])
+        qs = torch.stack([q(compute_dtype(source_dtype(blocks))) for q in queries[:k]])
         return TwoPhasePlan(j, blocks, qs, phase1(qs, blocks, [key_rstd(b, self.eps) for b in blocks]))
 
     def read(self, state: State, j: int, query: DepthQuery | None, norm: nn.Module, ctx: Pass,
              plan: TwoPhasePlan | None = None) -> Tensor:
         self._check_read(j)
         if ctx.mode is Mode.BANK:
-            return bank.read(state, bank.sources(state, j, self.block_size), query.folded(state[0].dtype),
+            return bank.read(state, bank.sources(state, j, self.block_size), query(state[0].dtype),
                              norm, self.eps, self._fuse(norm, ctx))
         if plan is not None and j - plan.first < len(plan.inter):
             return self._merged(state, j, plan, norm)
@@ -92,7 +92,7 @@ class BlockAttnRes(ResidualScheme):
     def finish(self, state: State, query: DepthQuery | None, norm: nn.Module, ctx: Pass) -> Tensor:
         j = self.num_sublayers
         if ctx.mode is Mode.BANK:
-            qp = query.folded(state[0].dtype) if self.final_aggregation else None
+            qp = query(state[0].dtype) if self.final_aggregation else None
             return bank.read(state, bank.sources(state, j, self.block_size), qp, norm, self.eps, self._fuse(norm, ctx))
         if self.final_aggregation:
             return self._joint(j, state, query, norm, ctx)
@@ -106,7 +106,7 @@ class BlockAttnRes(ResidualScheme):
 
     def _joint(self, j: int, sources: State, query: DepthQuery, norm: nn.Module, ctx: Pass) -> Tensor:
         ct = compute_dtype(source_dtype(sources))
-        qp = query.folded(ct)
+        qp = query(ct)
         if self._fuse(norm, ctx):
             return attn_read(qp, norm.weight.to(ct), self.eps, sources)[0]
         h, p = attn_read(qp, None, self.eps, sources)

@@ -100,6 +100,15 @@ class TrainConfig:
     probe_batch_size: int = 4
     device: str = "cpu"
     num_threads: int | None = None  # torch.set_num_threads for this run; None: torch's default
+    # --- parallelism (attnres.distributed; launch with torchrun, README "Several processes"). The data-
+    # parallel degree is world_size / pipeline_stages; batch_size is the *global* micro-batch, split
+    # over the data-parallel ranks, so losses equal a single-process run's
+    parallel: str = "ddp"  # over the data-parallel ranks: "ddp" (DistributedDataParallel) or "fsdp" (FSDP2)
+    pipeline_stages: int = 1  # P: ranks per pipeline
+    pipeline_virtual: int = 1  # V: stages per pipeline rank (interleaved / V-shape schedules)
+    pipeline_schedule: str = "1F1B"  # a torch.distributed.pipelining schedule (attnres.distributed.SCHEDULES)
+    pipeline_microbatches: int = 0  # microbatches per step through the pipeline; 0: P * V
+    pipeline_cache: bool = True  # Block/Full: ship only the blocks the receiving rank lacks (PAPER §4.1)
 
     def validate(self) -> TrainConfig:
         def positive(name: str, allow_zero: bool = False) -> None:
