@@ -6,11 +6,11 @@ permutation, or the GGUF fused score). Both directions check the state dict agai
 converting anything: a missing key, an unexpected key or a wrong shape is one :class:`ConvertError`
 naming the layout and the first offending key.
 
-Exactness: every codec is a reshape, a row permutation or a copy (AttnRes weights become fp32, as our
-model keeps them: a bf16 hub tensor widens exactly), so ``from_layout(to_layout(sd))`` gives ``sd`` back
-and the reverse trip gives the foreign dict back, except GGUF, whose fused score s = q * g cannot be split:
-importing it gives pseudo_query = s and key_norm_weight = 1, the same forward (q * g is what a read
-computes) but not the same parameters.
+Exactness: every codec is a reshape, a row permutation or a copy (AttnRes weights become at least fp32,
+as our model keeps them: a bf16 hub tensor widens exactly; exports keep our dtype), so
+``from_layout(to_layout(sd))`` gives ``sd`` back and the reverse trip gives the foreign dict back, except
+GGUF, whose fused score s = q * g cannot be split: importing it gives pseudo_query = s and
+key_norm_weight = 1, the same forward (q * g is what a read computes) but not the same parameters.
 
 Layer 0's pre-attention read has one source, so it is never read (its weights do nothing); exports
 always write it, imports accept its absence (then it keeps its init: pseudo_query 0, key_norm_weight 1).
@@ -46,11 +46,16 @@ class Copy:
         return (t,)
 
 
+def _wide(t: Tensor) -> Tensor:
+    """At least fp32, as our model keeps AttnRes weights (a bf16 hub tensor widens exactly; fp64 stays)."""
+    return t if t.dtype == torch.float64 else t.to(torch.float32)
+
+
 class Fp32(Copy):
     """A key-norm gain or pseudo-query: ours is fp32."""
 
     def into(self, t: Tensor) -> tuple[Tensor, ...]:
-        return (t.to(torch.float32),)
+        return (_wide(t),)
 
 
 class Row(Fp32):
@@ -63,7 +68,7 @@ class Row(Fp32):
         return t.reshape(1, -1)
 
     def into(self, t):
-        return (t.reshape(-1).to(torch.float32),)
+        return (_wide(t.reshape(-1)),)
 
 
 @dataclass(frozen=True)
@@ -83,10 +88,10 @@ class Fused(Copy):
     """GGUF's score vector s = key_norm_weight * pseudo_query; imported as (s, ones)."""
 
     def out(self, q, g):
-        return q.to(torch.float32) * g.to(torch.float32)
+        return _wide(q) * _wide(g)
 
     def into(self, t):
-        s = t.to(torch.float32)
+        s = _wide(t)
         return s, torch.ones_like(s)
 
 
