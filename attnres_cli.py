@@ -23,6 +23,9 @@ EPILOG = (
 # the keys of attnres.train.config.PRESETS and attnres.train.config.RESIDUALS, in order (tests/test_cli.py)
 PRESETS = ("smoke", "default", "long")
 RESIDUALS = ("standard", "block", "full")
+# the keys of attnres.convert.LAYOUTS and attnres.convert.MISSING_FINAL, in order (tests/convert/test_cli.py)
+LAYOUTS = ("attnres", "k3", "fla", "torchtitan", "megatron", "gguf")
+MISSING_FINAL = ("sum", "init")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -157,7 +160,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="sample from the K most likely; 0 = all (default 50)",
     )
     gen.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed (default 0)")
+    _convert_parser(sub)
     return parser
+
+
+def _convert_parser(sub) -> None:
+    layouts = ", ".join(LAYOUTS)
+    conv = sub.add_parser(
+        "convert",
+        help="rename a checkpoint's weights and config between AttnRes layouts (attnres, Kimi-K3, fla, ...)",
+        description="Read SRC (config.json + *.safetensors) in layout --from and write OUT/model.safetensors and "
+        "OUT/config.json in layout --to, with the block size in that layout's unit. Layouts: attnres (ours), "
+        "k3 (Kimi-K3 hub names, as vLLM / SGLang / mlx-lm load them), fla (fla 0.6 TransformerForCausalLM), "
+        "torchtitan (kimi_k3 AttnRes names, Llama-3 shared names), megatron (PR #6840 hybrid stack, AttnRes "
+        "names only), gguf (llama.cpp tensor names and metadata keys, fused score vectors; a safetensors file, "
+        "not a .gguf). A map that does not match the weights is a one-line error and nothing is written; "
+        "OUT appears complete or not at all.",
+    )
+    conv.add_argument("src", metavar="SRC", help="checkpoint directory: config.json and *.safetensors")
+    conv.add_argument("--from", dest="source", required=True, choices=list(LAYOUTS), metavar="LAYOUT",
+                      help=f"SRC's layout: one of {layouts}")
+    conv.add_argument("--to", dest="target", required=True, choices=list(LAYOUTS), metavar="LAYOUT",
+                      help=f"the layout to write: one of {layouts}")
+    conv.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist)")
+    conv.add_argument(
+        "--final", choices=list(MISSING_FINAL), default="sum", dest="missing_final",
+        help="when SRC has no final-aggregation weights: sum = the final output is the plain sum of all "
+        "sources (attn_res_final_aggregation=false; default), init = a fresh aggregation at zero init",
+    )
+    conv.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
 
 def main(argv: list[str] | None = None) -> int:

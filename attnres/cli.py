@@ -275,6 +275,13 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from .convert.io import convert_checkpoint
+
+    print(convert_checkpoint(args.src, args.out, args.source, args.target, args.missing_final, args.overwrite))
+    return 0
+
+
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split()) if str(e).strip() else ""
     if isinstance(e, KeyError):  # KeyError quotes its message
@@ -312,6 +319,7 @@ def is_user_error(e: BaseException) -> bool:
 
 # the handler of each subcommand, looked up when it runs (so a test can replace one)
 _HANDLERS = {"demo": "_demo", "compare": "_compare", "train": "_train", "eval": "_eval", "generate": "_generate"}
+_HANDLERS["convert"] = "_convert"
 
 
 def main(argv: list[str] | None = None) -> int:
