@@ -160,6 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="sample from the K most likely; 0 = all (default 50)",
     )
     gen.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed (default 0)")
+
+    exp = sub.add_parser(
+        "export",
+        help="write a checkpoint (one process's or a sharded one of several) as a plain save_pretrained dir",
+        description="Write a checkpoint as a plain directory one process loads (model.safetensors, config.json, "
+        "tokenizer, train_config.json): for the sharded checkpoints of runs of several processes (torchrun).",
+    )
+    exp.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory or its checkpoint/")
+    exp.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) directory")
     _convert_parser(sub)
     return parser
 

@@ -135,6 +135,8 @@ def _train(args: argparse.Namespace) -> int:
         step = int(state["step"]) if state is not None else None
         if step == cfg.max_steps:  # train() refuses a changed config or a step past max_steps
             check_resumable(config_from_dict(state["train_config"]), cfg)
+            if _rank() != 0:
+                return 0
             print(
                 f"{out} is already finished (step {step} of max_steps {cfg.max_steps}); nothing to train. "
                 f"Give --max-steps N with N > {step} to train on."
@@ -147,8 +149,24 @@ def _train(args: argparse.Namespace) -> int:
                 except (ValueError, KeyError, TypeError):
                     pass  # a damaged result.json: train() below rewrites it without training
     summary = train(cfg, out, resume=args.resume, progress=_progress(args), overwrite=args.overwrite)
-    _print_summary(summary, out)
+    if _rank() == 0:
+        _print_summary(summary, out)
     return 0
+
+
+def _rank() -> int:
+    """This process's rank in a torchrun job (0 for a single process): only rank 0 prints results."""
+    try:
+        return int(os.environ.get("RANK") or 0)
+    except ValueError:
+        return 0
+
+
+def _world_size() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE") or 1)
+    except ValueError:
+        return 1
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -157,6 +175,9 @@ def _compare(args: argparse.Namespace) -> int:
 
     if args.seeds < 1:
         raise _user_error(f"--seeds must be >= 1, got {args.seeds}")
+    if _world_size() > 1:
+        raise _user_error("compare runs its arms in one process; under torchrun train each arm with "
+                          "`attnres train --residual R` (README, 'Several processes')")
     overrides = parse_set(args.set)
     for key in ("residual", "seed"):
         if key in overrides:
@@ -275,6 +296,14 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .distributed.checkpoint import export_pretrained
+
+    dest = export_pretrained(args.checkpoint, args.out)
+    print(f"exported {args.checkpoint} -> {dest} (model.safetensors, config, tokenizer; load it in one process)")
+    return 0
+
+
 def _convert(args: argparse.Namespace) -> int:
     from .convert.io import convert_checkpoint
 
@@ -318,7 +347,8 @@ def is_user_error(e: BaseException) -> bool:
 
 
 # the handler of each subcommand, looked up when it runs (so a test can replace one)
-_HANDLERS = {"demo": "_demo", "compare": "_compare", "train": "_train", "eval": "_eval", "generate": "_generate"}
+_HANDLERS = {"demo": "_demo", "compare": "_compare", "train": "_train", "eval": "_eval", "generate": "_generate",
+             "export": "_export"}
 _HANDLERS["convert"] = "_convert"
 
 
@@ -330,26 +360,38 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     """Run the parsed command ``args`` (from :func:`build_parser`; ``argv`` is the command line it came
     from, default ``sys.argv[1:]``) and return its exit code."""
+    from .distributed.world import DistributedFailure, RankError, shutdown
     from .train.loop import NonFiniteLoss, TrainingInterrupted
 
     if getattr(args, "argv", "missing") is None:
         args.argv = list(sys.argv[1:] if argv is None else argv)
+    main_rank = _rank() == 0  # in a torchrun job the ranks fail alike: rank 0 alone says so
     try:
-        return globals()[_HANDLERS[args.command]](args)
+        code = globals()[_HANDLERS[args.command]](args)
+        shutdown()
+        return code
     except TrainingInterrupted as e:
-        sys.stderr.write(f"attnres: {e}\n")
+        _say(f"attnres: {e}", main_rank)
         return 128 + e.signum
     except NonFiniteLoss as e:
-        sys.stderr.write(f"attnres: error: {_one_line(e)}\n")
+        _say(f"attnres: error: {_one_line(e)}", main_rank)
         return EXIT_NONFINITE
+    except DistributedFailure as e:  # rank-specific: every rank says what it saw
+        _say(f"attnres: error: {_one_line(e)}", True)
+        return EXIT_ERROR
     except KeyboardInterrupt:
-        sys.stderr.write("attnres: interrupted\n")
+        _say("attnres: interrupted", main_rank)
         return 130
     except Exception as e:  # noqa: BLE001 - user errors in one line; anything else is a bug: traceback
         if os.environ.get("ATTNRES_DEBUG") or not is_user_error(e):
             raise
-        sys.stderr.write(f"attnres: error: {_one_line(e)}\n")
+        _say(f"attnres: error: {_one_line(e)}", main_rank or isinstance(e, RankError))
         return EXIT_ERROR
+
+
+def _say(line: str, show: bool) -> None:
+    if show:
+        sys.stderr.write(line + "\n")
 
 
 if __name__ == "__main__":

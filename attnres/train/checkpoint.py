@@ -18,6 +18,11 @@ A save writes ``checkpoint.tmp`` completely, renames the current ``checkpoint`` 
 ``checkpoint.old``, renames ``checkpoint.tmp`` to ``checkpoint`` and only then deletes
 ``checkpoint.old``. A crash at any point leaves a complete checkpoint under ``checkpoint`` or
 ``checkpoint.old``; :func:`find_checkpoint` recovers the latter.
+
+A run of several processes (torchrun) writes the weights and the optimizer states with
+``torch.distributed.checkpoint`` into ``dcp/`` instead, each rank its own part, next to ``config.json``
+and the same other files (``trainer_state.pt`` then holds no optimizer states); see
+:mod:`attnres.distributed.checkpoint`. :func:`load_model` reads either kind in one process.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from .config import UserError
 CHECKPOINT = "checkpoint"
 STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "train_config.json"
+SHARDED_DIR = "dcp"  # a checkpoint of several processes: torch.distributed.checkpoint's files
 
 
 class CheckpointError(UserError):
@@ -164,12 +170,24 @@ def save_checkpoint(
 ) -> Path:
     """Atomically write ``OUT/checkpoint`` (see the module docstring); returns its path."""
     out = Path(out_dir)
+    tmp = fresh_tmp(out)
+    with quiet_hf():
+        model.save_pretrained(tmp)
+    return commit_checkpoint(out, tmp, tokenizer, state, train_config)
+
+
+def fresh_tmp(out: Path) -> Path:
+    """An empty ``OUT/checkpoint.tmp`` (a leftover of an interrupted save is removed)."""
     tmp = out / (CHECKPOINT + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    with quiet_hf():
-        model.save_pretrained(tmp)
+    return tmp
+
+
+def commit_checkpoint(out: Path, tmp: Path, tokenizer, state: dict[str, Any], train_config: dict[str, Any]) -> Path:
+    """Add the tokenizer, ``train_config.json`` and ``trainer_state.pt`` to the weights already in
+    ``tmp``, then make ``tmp`` the checkpoint (see the module docstring); returns its path."""
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     (tmp / CONFIG_FILE).write_text(json.dumps(train_config, indent=2) + "\n")
@@ -187,11 +205,12 @@ def find_checkpoint(out_dir: str | Path) -> Path | None:
     out = Path(out_dir)
     final, old, tmp = out / CHECKPOINT, out / (CHECKPOINT + ".old"), out / (CHECKPOINT + ".tmp")
     if not final.exists() and old.exists() and (old / STATE_FILE).exists():
-        os.replace(old, final)
+        with contextlib.suppress(FileNotFoundError):  # another process of the job got there first
+            os.replace(old, final)
     if final.exists() and (final / STATE_FILE).exists():
         for leftover in (old, tmp):
             if leftover.exists():
-                shutil.rmtree(leftover)
+                shutil.rmtree(leftover, ignore_errors=True)
         return final
     return None
 
@@ -270,12 +289,23 @@ def _check_weights(ckpt: Path) -> None:
             raise CheckpointError(f"{f} is corrupt or truncated: {_first_line(e)}") from None
 
 
+def is_sharded(ckpt: str | Path) -> bool:
+    """Whether ``ckpt`` is a checkpoint of several processes: weights and optimizer states in
+    ``dcp/`` (:mod:`attnres.distributed.checkpoint`) instead of ``model.safetensors``."""
+    return (Path(ckpt) / SHARDED_DIR / ".metadata").is_file()
+
+
 def load_model(ckpt: str | Path):
-    """The float32 :class:`AttnResForCausalLM` saved in ``ckpt``; :class:`CheckpointError` (naming
-    the file) if its weights are missing, truncated or corrupt."""
+    """The float32 :class:`AttnResForCausalLM` saved in ``ckpt`` (one process's checkpoint, or a
+    sharded one of several); :class:`CheckpointError` (naming the file) if its weights are missing,
+    truncated or corrupt."""
     from ..models import AttnResForCausalLM
 
     ckpt = Path(ckpt)
+    if is_sharded(ckpt):
+        from ..distributed.checkpoint import load_sharded_model
+
+        return load_sharded_model(ckpt)
     _check_weights(ckpt)
     try:
         with quiet_hf():

@@ -174,7 +174,9 @@ class TrainConfig:
                 f"lower it with --set warmup_steps=N (N <= {self.max_steps}) or raise max_steps"
             )
         from ..data._io import resolve_data_dir
+        from ..distributed.plan import check_keys
 
+        check_keys(self)  # parallel / pipeline_* values; the job's size is checked when it starts
         self.data_dir = str(resolve_data_dir(self.data_dir))
         self.model_config()  # AttnResConfig checks the architecture (head divisibility, ...)
         self.check_device()

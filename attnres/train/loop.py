@@ -40,6 +40,7 @@ from .console import Progress
 from .rundir import (
     RUN_FILES,
     MetricsLog,
+    NoMetrics,
     RunExistsError,
     check_out_dir,
     discard_partial_run,
@@ -81,6 +82,7 @@ RESUMABLE_KEYS = {
     "data_dir",
     "num_threads",
     "activation_checkpointing",
+    "parallel",  # DDP or FSDP2: the same math; a sharded checkpoint loads into either
 }
 
 
@@ -150,22 +152,73 @@ def train(
     A fresh run that fails before its first checkpoint leaves no partial run files behind.
     ``wrap(model)``, if given, returns what the steps run the model through (a parallel wrapper);
     it is called after the model is built or loaded and before the optimizers are built.
+
+    Several processes (torchrun sets ``WORLD_SIZE`` > 1): every process calls this with the same
+    arguments. The plan (``parallel``, ``pipeline_*``) is checked against the job's size before any
+    process group starts, then each process joins the job, the model is wrapped with
+    :func:`attnres.distributed.parallelize` (DDP or FSDP2) unless ``wrap`` is given, each rank trains
+    on its rows of every global batch, checkpoints are sharded (:mod:`attnres.distributed.checkpoint`),
+    and rank 0 alone writes the run's files and shows progress; every rank returns the summary.
     """
+    from ..distributed.world import env_world, init_distributed
+
     out = Path(out_dir)
-    ckpt = check_out_dir(out, resume, overwrite)
+    if cfg is None:
+        cfg = saved_config(out) if resume else None
+    if cfg is None:
+        raise ValueError("train() needs a config unless resuming")
+    _check_plan(cfg.validate(), env_world().size)  # before any process group: a bad plan never hangs a job
+    world = init_distributed(cfg.device)
+    with world.failures():
+        return _train(world, cfg, out, resume, progress, overwrite, data, label, wrap)
+
+
+def _train(world, cfg, out: Path, resume: bool, progress: bool, overwrite: bool, data, label, wrap) -> dict[str, Any]:
+    ckpt = world.on_main(check_out_dir, out, resume, overwrite)
     saved = load_trainer_state(ckpt) if ckpt is not None else None
     cfg = _resolve_config(cfg, saved, out)
+    plan = _check_plan(cfg, world.size)
     if data is None:
-        data = prepare(cfg, progress)
+        data = _prepare(cfg, progress, world)
     _check_splits(cfg, data)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    created = world.on_main(_make_dir, out)
+    if wrap is None and world.distributed:
+        from ..distributed.data_parallel import parallelize
+
+        wrap = functools.partial(parallelize, plan=plan, world=world, device=cfg.device, bf16=cfg.bf16)
     try:
-        return _run(cfg, out, data, ckpt, saved, progress, label or f"{cfg.residual}-s{cfg.seed}", wrap)
+        return _run(cfg, out, data, ckpt, saved, progress, label or f"{cfg.residual}-s{cfg.seed}", wrap, world)
     except BaseException as e:
-        if saved is None and not isinstance(e, TrainingInterrupted):
+        if world.is_main and saved is None and not isinstance(e, TrainingInterrupted):
             discard_partial_run(out, created)
         raise
+
+
+def _check_plan(cfg: TrainConfig, world_size: int):
+    """The run's :class:`~attnres.distributed.ParallelPlan` for a job of ``world_size`` processes, checked."""
+    from ..distributed.plan import ParallelPlan
+
+    plan = ParallelPlan.from_config(cfg, world_size).check(cfg)
+    if plan.pipeline_stages > 1:
+        raise ConfigError("pipeline training through `attnres train` is not wired yet; use pipeline_stages=1")
+    return plan
+
+
+def _make_dir(out: Path) -> bool:
+    """Create ``out`` (and its parents); whether it did not exist before."""
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def _prepare(cfg: TrainConfig, progress: bool, world):
+    """The data, prepared by rank 0 first (fetched and encoded once, with its progress shown); the
+    other ranks then read what it cached."""
+    if not world.distributed:
+        return prepare(cfg, progress)
+    first = []
+    world.on_main(lambda: first.append(prepare(cfg, progress)))
+    return first[0] if first else prepare(cfg, False)
 
 
 def _resolve_config(cfg: TrainConfig | None, saved: dict[str, Any] | None, out: Path) -> TrainConfig:
@@ -196,19 +249,35 @@ def _check_splits(cfg: TrainConfig, data) -> None:
             )
 
 
-def _run(cfg, out: Path, data, ckpt, saved, progress: bool, label: str, wrap) -> dict[str, Any]:
-    """Build or restore, record the run, train to ``max_steps``, summarize."""
+def _run(cfg, out: Path, data, ckpt, saved, progress: bool, label: str, wrap, world) -> dict[str, Any]:
+    """Build or restore, record the run, train to ``max_steps``, summarize (files: rank 0's)."""
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
     state = build_or_restore(cfg, len(data.tokenizer), ckpt, saved, wrap)
     params = state.num_params()
     resumed_at = state.step if saved is not None else None
-    with MetricsLog(out / "metrics.jsonl", saved["metrics_pos"] if saved is not None else None) as metrics:
+    pos = saved["metrics_pos"] if saved is not None else None
+    with MetricsLog(out / "metrics.jsonl", pos) if world.is_main else NoMetrics() as metrics:
         model_config = state.model.config.to_dict()
-        write_run_info(out / "run.json", cfg, resumed_at, model_config=model_config, params=params, data=data)
-        with Progress(progress, cfg.max_steps, state.step, label) as bar:
-            saver = run_dir_saver(out, data.tokenizer, cfg)
-            Trainer(cfg, state, data, metrics=metrics, progress=bar, saver=saver, saved_step=resumed_at).run()
+        world.on_main(write_run_info, out / "run.json", cfg, resumed_at, model_config=model_config, params=params,
+                      data=data)
+        with Progress(progress and world.is_main, cfg.max_steps, state.step, label) as bar:
+            saver = _saver(out, data.tokenizer, cfg, world)
+            Trainer(cfg, state, data, metrics=metrics, progress=bar, saver=saver, saved_step=resumed_at,
+                    world=world).run()
+    return world.on_main(_summarize, cfg, out, params)
+
+
+def _saver(out: Path, tokenizer, cfg: TrainConfig, world):
+    """One process: ``OUT/checkpoint`` with ``model.safetensors``; several: a sharded (DCP) checkpoint."""
+    if not world.distributed:
+        return run_dir_saver(out, tokenizer, cfg)
+    from ..distributed.checkpoint import sharded_saver
+
+    return sharded_saver(out, tokenizer, cfg, world)
+
+
+def _summarize(cfg: TrainConfig, out: Path, params: int) -> dict[str, Any]:
     summary = summarize(cfg, read_metrics(out / "metrics.jsonl"), params, out)
     atomic_write_text(out / "result.json", json.dumps(summary, indent=2) + "\n")
     return summary

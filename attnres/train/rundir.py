@@ -107,6 +107,22 @@ class MetricsLog:
         self.close()
 
 
+class NoMetrics:
+    """Where the rows of a rank that does not log go (every rank but 0 in a job of several)."""
+
+    def write(self, row: dict[str, Any]) -> None:
+        pass
+
+    def position(self) -> int:
+        return 0
+
+    def __enter__(self) -> NoMetrics:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.exists():

@@ -24,6 +24,7 @@ finiteness flag for all parameters together.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import signal
@@ -31,17 +32,20 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, load_model, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import CheckpointError, is_sharded, load_model, rng_state, save_checkpoint
 from .config import TrainConfig
 from .console import Progress, SignalGuard
 from .evaluate import autocast, evaluate
 from .optim import build_optimizers, build_schedulers
+
+if TYPE_CHECKING:  # attnres.distributed imports attnres.train: imported where used
+    from ..distributed.world import World
 
 
 class TrainingInterrupted(Exception):
@@ -91,8 +95,8 @@ class TrainState:
         }
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
-        for o, s in zip(self.optimizers, saved["optimizers"], strict=True):
-            o.load_state_dict(s)
+        """The schedules, step and token count of ``saved`` (the optimizer states are restored by
+        :func:`attnres.distributed.checkpoint.restore`, which knows every checkpoint's form)."""
         for sc, s in zip(self.schedulers, saved["schedulers"], strict=True):
             sc.load_state_dict(s)  # the schedule function itself is this cfg's (a new max_steps stretches it)
         self.step, self.tokens = saved["step"], saved["tokens"]
@@ -129,17 +133,19 @@ def build_or_restore(
     builds the model or loads ``ckpt``'s onto ``cfg.device`` in train mode, passes it to ``wrap``
     and only then builds the optimizers and schedules on its parameters. With ``saved`` (``ckpt``'s
     trainer state) their states, the step, the token count and the RNG states are restored, so
-    the next step is the one the saved run would have taken next.
+    the next step is the one the saved run would have taken next. A sharded checkpoint's weights
+    (several processes wrote it) load after wrapping, into whatever the model became.
     """
+    from ..distributed.checkpoint import restore
+
     seed_everything(cfg.seed)
-    model = build_model(cfg, vocab, ckpt)
+    model = build_model(cfg, vocab, None if ckpt is None or is_sharded(ckpt) else ckpt)
     model.to(cfg.device).train()
     wrapped = model if wrap is None else wrap(model)
     opts = build_optimizers(model, cfg)
     state = TrainState(model, wrapped, opts, build_schedulers(opts, cfg))
     if saved is not None:
-        state.load_state_dict(saved)
-        set_rng_state(saved["rng"])
+        restore(state, ckpt, saved)
     return state
 
 
@@ -169,11 +175,15 @@ class StepOutput:
 
 
 def grad_norm_(model: nn.Module, clip: float) -> torch.Tensor:
-    """The total gradient norm of ``model``'s trainable parameters; clips to ``clip`` if it is > 0."""
+    """The total gradient norm of ``model``'s trainable parameters; clips to ``clip`` if it is > 0.
+    With FSDP2 shards the norm is the whole model's (a collective), as ``clip_grad_norm_`` would be."""
     params = [p for p in model.parameters() if p.requires_grad]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if hasattr(norm, "full_tensor"):  # a DTensor: the local shards' norms, not yet combined
+        norm = norm.full_tensor()
     if clip > 0:
-        return torch.nn.utils.clip_grad_norm_(params, clip)
-    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
+    return norm
 
 
 def forward_backward(state: TrainState, micro_batches: Iterable[torch.Tensor], cfg: TrainConfig) -> StepOutput:
@@ -182,19 +192,27 @@ def forward_backward(state: TrainState, micro_batches: Iterable[torch.Tensor], c
     Zeroes the gradients, runs each of the ``cfg.grad_accum`` micro-batches (token ids on the
     device) forward and backward through ``state.wrapped`` with its loss scaled by
     ``1 / grad_accum`` (so the gradients are those of the mean loss), then takes the gradient norm,
-    clipping to ``cfg.grad_clip`` when that is > 0.
+    clipping to ``cfg.grad_clip`` when that is > 0. A wrapper with ``no_sync`` (DDP) reduces the
+    gradients once, in the last micro-batch's backward.
     """
     for o in state.optimizers:
         o.zero_grad(set_to_none=True)
     losses = []
-    for ids in micro_batches:
-        with autocast(cfg.device, cfg.bf16):
-            loss = state.wrapped(ids, labels=ids, use_cache=False).loss
-        (loss / cfg.grad_accum).backward()
+    for i, ids in enumerate(micro_batches):
+        with _sync_unless(state.wrapped, i < cfg.grad_accum - 1):
+            with autocast(cfg.device, cfg.bf16):
+                loss = state.wrapped(ids, labels=ids, use_cache=False).loss
+            (loss / cfg.grad_accum).backward()
         losses.append(loss.detach())
     if len(losses) != cfg.grad_accum:
         raise ValueError(f"a step takes grad_accum={cfg.grad_accum} micro-batches; got {len(losses)}")
     return StepOutput(torch.stack(losses), grad_norm_(state.model, cfg.grad_clip))
+
+
+def _sync_unless(wrapped: nn.Module, local: bool):
+    """``wrapped.no_sync()`` when ``local`` (a micro-batch before the last) and it has one (DDP)."""
+    no_sync = getattr(wrapped, "no_sync", None)
+    return no_sync() if local and no_sync is not None else contextlib.nullcontext()
 
 
 def optimizer_step(state: TrainState, cfg: TrainConfig) -> float:
@@ -231,6 +249,12 @@ class Trainer:
     ``metrics`` takes the rows (``write(row)``) and says how long its file is (``position()``,
     recorded in each checkpoint); ``saver`` writes a checkpoint and returns its path;
     ``saved_step`` is the step of the latest checkpoint already on disk, if any.
+
+    ``world`` (:class:`attnres.distributed.World`; one process by default): in a job of several
+    processes every rank runs this same loop on its contiguous rows of each global micro-batch; the
+    step's loss is the mean over ranks (the global batch's), and the finiteness checks and a stop
+    on SIGINT/SIGTERM are agreed by all ranks, so they all stop at the same step. Which rank logs is
+    the driver's choice (``metrics`` and ``progress``).
     """
 
     def __init__(
@@ -243,9 +267,12 @@ class Trainer:
         progress: Progress,
         saver: Saver,
         saved_step: int | None = None,
+        world: World | None = None,
     ):
         from ..data import Batches
+        from ..distributed.world import World
 
+        self.world = world or World()
         self.cfg, self.state, self.data = cfg, state, data
         self.metrics, self.progress, self.saver = metrics, progress, saver
         self.saved_step, self.last_checkpoint = saved_step, None
@@ -267,20 +294,23 @@ class Trainer:
                 saved_now = step % cfg.checkpoint_every == 0 or last
                 if saved_now:
                     self.save_checkpoint()
-                if guard.signum is not None:
+                signum = self.world.max(guard.signum or 0)  # every rank stops after the same step
+                if signum:
                     path = self.last_checkpoint if saved_now else self.save_checkpoint()
-                    raise TrainingInterrupted(guard.signum, step, path)
+                    raise TrainingInterrupted(signum, step, path)
 
     def micro_batches(self) -> Iterator[torch.Tensor]:
-        """The micro-batches of the next step: batch ``step * grad_accum + i`` of the training split."""
+        """The micro-batches of the next step: batch ``step * grad_accum + i`` of the training split
+        (this rank's rows of it)."""
         first = self.state.step * self.cfg.grad_accum
         for i in range(first, first + self.cfg.grad_accum):
-            yield self.batches.get(i).to(self.cfg.device)
+            yield self.world.shard(self.batches.get(i)).to(self.cfg.device)
 
     def forward_backward(self) -> StepOutput:
-        """The next step's gradients (:func:`forward_backward` on :meth:`micro_batches`); a driver
-        with another schedule (pipeline stages) overrides this."""
-        return forward_backward(self.state, self.micro_batches(), self.cfg)
+        """The next step's gradients (:func:`forward_backward` on :meth:`micro_batches`), its losses
+        averaged over the ranks; a driver with another schedule (pipeline stages) overrides this."""
+        out = forward_backward(self.state, self.micro_batches(), self.cfg)
+        return StepOutput(self.world.mean(out.micro_losses), out.grad_norm)
 
     def train_step(self) -> dict[str, Any]:
         """One step and its row: the gradients, the step's one host read (checked finite before the
@@ -363,8 +393,9 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Save through ``saver``, unless a parameter is non-finite (:class:`NonFiniteLoss`, nothing
         written)."""
-        finite = torch.stack([torch.isfinite(p).all() for p in self.state.model.parameters()]).all()
-        if not finite:  # one host read for all parameters
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.state.model.parameters()]
+        finite = torch.stack([torch.isfinite(p).all() for p in local]).all()
+        if not self.world.all(bool(finite)):  # one host read for all parameters (this rank's shards)
             raise NonFiniteLoss(
                 f"parameters became non-finite after step {self.state.step}; no checkpoint written, "
                 f"{self.kept()}. Lower lr or enable grad_clip."
