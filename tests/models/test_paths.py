@@ -193,3 +193,4 @@ def test_checkpointing_turns_the_kv_cache_off_in_training_only():
     assert model.train()(x, use_cache=True).past_key_values is None
     with torch.no_grad():
         assert model(x, use_cache=True).past_key_values is not None
+
