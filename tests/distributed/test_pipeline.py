@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import time
 import traceback
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from attnres.distributed.plan import SCHEDULES, ParallelPlan
 from attnres.models import enable_activation_checkpointing
 from attnres.train.config import ConfigError
 
-WORLD, BATCH, MICRO, VOCAB, LR = 2, 4, 4, 64, 0.1
+MICRO, VOCAB, LR = 4, 64, 0.1
 TOL = 1e-12
 
 
@@ -46,6 +45,8 @@ class Case:
     checkpointing: bool | str = False  # True, or "reentrant"
     keep_exit: bool = True
     seq: int = 8
+    P: int = 2  # processes
+    micro: int = MICRO  # microbatches, of one row each
 
     @property
     def virtual(self) -> int:
@@ -59,7 +60,7 @@ class Case:
         extra += ["ckpt" + ("-reentrant" if self.checkpointing == "reentrant" else "")] if self.checkpointing else []
         extra += ["paper-exit"] if not self.keep_exit else []
         extra += [f"T{self.seq}"] if self.seq != 8 else []
-        return "-".join([self.schedule, res, "cache" if self.cache else "naive", *extra])
+        return "-".join([self.schedule, f"P{self.P}", res, "cache" if self.cache else "naive", *extra])
 
 
 def _cases() -> list[Case]:
@@ -76,6 +77,10 @@ def _cases() -> list[Case]:
         Case("InterleavedZeroBubble", S=3, checkpointing=True),
         Case("DualPipeV", S=2, checkpointing=True),
         Case("1F1B", S=3, checkpointing="reentrant"),
+        # four processes: hops carry up to P - 1 cached blocks' worth of delta
+        Case("Interleaved1F1B", S=3, layers=8, P=4),
+        Case("Interleaved1F1B", S=3, layers=8, P=4, cache=False),
+        Case("DualPipeV", "full", None, layers=8, P=4, micro=8),
     ]
 
 
@@ -96,7 +101,8 @@ def _model(case: Case) -> AttnResForCausalLM:
 
 def _reference_step(ref: AttnResForCausalLM, ids: torch.Tensor) -> torch.Tensor:
     ref.zero_grad(set_to_none=True)
-    loss = sum(next_token_loss(ref(input_ids=c).logits, c) for c in ids.chunk(MICRO)) / MICRO
+    micro = len(ids)  # one row per microbatch
+    loss = sum(next_token_loss(ref(input_ids=c).logits, c) for c in ids.chunk(micro)) / micro
     loss.backward()
     return loss.detach()
 
@@ -121,16 +127,17 @@ def _run_case(case: Case, rank: int) -> dict:
     ref = copy.deepcopy(model)
     if case.checkpointing:
         enable_activation_checkpointing(model, use_reentrant=case.checkpointing == "reentrant")
-    plan = ParallelPlan(WORLD, pipeline_stages=WORLD, pipeline_virtual=case.virtual, pipeline_schedule=case.schedule,
-                        pipeline_microbatches=MICRO, pipeline_cache=case.cache)
-    pipe = build_pipeline(model, plan, batch_size=BATCH, seq_len=case.seq, split=case.split, keep_exit=case.keep_exit)
+    plan = ParallelPlan(case.P, pipeline_stages=case.P, pipeline_virtual=case.virtual, pipeline_schedule=case.schedule,
+                        pipeline_microbatches=case.micro, pipeline_cache=case.cache)
+    pipe = build_pipeline(model, plan, batch_size=case.micro, seq_len=case.seq, split=case.split,
+                          keep_exit=case.keep_exit)
     named, refp = dict(pipe.named_parameters()), dict(ref.named_parameters())
     calls = _count_calls(pipe)
     gen = torch.Generator().manual_seed(1)
     out = {"case": case.name, "rank": rank, "names": sorted(named), "dloss": [], "dgrad": [], "losses": [],
            "hops": pipe.layout.hop_tensors(), "stored": pipe.layout.stored()}
     for _ in range(2):
-        ids = torch.randint(0, VOCAB, (BATCH, case.seq), generator=gen)
+        ids = torch.randint(0, VOCAB, (case.micro, case.seq), generator=gen)
         loss, want = pipe.step(ids, ids), _reference_step(ref, ids)
         out["losses"].append(loss.item())
         out["dloss"].append(abs(loss.item() - want.item()))
@@ -142,26 +149,26 @@ def _run_case(case: Case, rank: int) -> dict:
             for p in ref.parameters():
                 p -= LR * p.grad
     out["calls"] = list(calls)
-    ids = torch.randint(0, VOCAB, (BATCH, case.seq), generator=gen)
+    ids = torch.randint(0, VOCAB, (case.micro, case.seq), generator=gen)
     before = {n: p.grad.clone() for n, p in named.items()}
     loss = pipe.eval_loss(ids, ids)
     with torch.no_grad():
-        want = sum(next_token_loss(ref(input_ids=c).logits, c) for c in ids.chunk(MICRO)) / MICRO
+        want = sum(next_token_loss(ref(input_ids=c).logits, c) for c in ids.chunk(case.micro)) / case.micro
     out["eval_dloss"] = abs(loss.item() - want.item())
     out["eval_grad_change"] = max((named[n].grad - g).abs().max().item() for n, g in before.items())
     out["store_left"] = len(pipe.store.leaves) + len(pipe.store.deposits) + len(pipe.store.wire)
     return out
 
 
-def _worker(rank: int, init: str, out_dir: str, names: list[str]) -> None:
+def _worker(rank: int, world: int, init: str, out_dir: str, names: list[str]) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=120))
     try:
         with open(Path(out_dir) / f"rank{rank}.jsonl", "w") as f:
             for case in CASES:
-                if case.name not in names:
+                if case.name not in names or case.P != world:
                     continue
                 t0 = time.perf_counter()
                 try:
@@ -178,7 +185,7 @@ def _worker(rank: int, init: str, out_dir: str, names: list[str]) -> None:
 
 # ----------------------------------------------------------------------------- in pytest
 
-def spawn(fn, args: tuple, nprocs: int = WORLD, timeout: float = 600) -> None:
+def spawn(fn, args: tuple, nprocs: int, timeout: float = 600) -> None:
     """Run ``fn(rank, *args)`` in ``nprocs`` fresh processes; raise if one fails or time runs out."""
     import torch.multiprocessing as mp
 
@@ -202,17 +209,19 @@ def _results(out: Path) -> dict[str, list[dict]]:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pipeline")
-    names = [c.name for c in CASES]
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    spawn(_worker, (f"file://{out}/store", str(out), names))
-    return _results(out)
+    """One spawn per process count runs all its cases."""
+    names, res = [c.name for c in CASES], {}
+    for world in sorted({c.P for c in CASES}):
+        out = tmp_path_factory.mktemp(f"pipeline{world}")
+        spawn(_worker, (world, f"file://{out}/store", str(out), names), nprocs=world)
+        res |= _results(out)
+    return res
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_pipeline_matches_one_process(results, case):
     rows = results.get(case.name, [])
-    assert len(rows) == WORLD, f"{case.name}: results from {len(rows)} ranks"
+    assert len(rows) == case.P, f"{case.name}: results from {len(rows)} ranks"
     assert all("error" not in r for r in rows), [r.get("error") for r in rows]
     full = {n for n, _ in _model(case).named_parameters()}
     assert set().union(*(r["names"] for r in rows)) == full  # every parameter is on some stage
@@ -223,19 +232,23 @@ def test_pipeline_matches_one_process(results, case):
         assert r["store_left"] == 0
     losses = [r for r in rows if r["losses"]]
     assert all(max(r["dloss"]) <= TOL and r["eval_dloss"] <= TOL for r in losses)
-    assert rows[0]["losses"] == rows[1]["losses"]  # every rank returns the loss
+    assert all(r["losses"] == rows[0]["losses"] for r in rows)  # every rank returns the loss
 
 
 def _row(results, name: str) -> dict:
     return results[name][0]
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES)
-def test_cache_sends_less_and_agrees_with_naive(results, schedule):
-    cached, naive = _row(results, Case(schedule, S=3).name), _row(results, Case(schedule, S=3, cache=False).name)
-    assert cached["losses"] == pytest.approx(naive["losses"], abs=TOL, rel=0)
-    if Case(schedule).virtual > 1:
-        assert cached["stored"] > 0 and sum(cached["hops"]) < sum(naive["hops"])
+PAIRS = [(Case(s, S=3), Case(s, S=3, cache=False)) for s in SCHEDULES]
+PAIRS += [(Case("Interleaved1F1B", S=3, layers=8, P=4), Case("Interleaved1F1B", S=3, layers=8, P=4, cache=False))]
+
+
+@pytest.mark.parametrize(("cached", "naive"), PAIRS, ids=[c.name for c, _ in PAIRS])
+def test_cache_sends_less_and_agrees_with_naive(results, cached, naive):
+    c, n = _row(results, cached.name), _row(results, naive.name)
+    assert c["losses"] == pytest.approx(n["losses"], abs=TOL, rel=0)
+    if cached.virtual > 1:
+        assert c["stored"] > 0 and sum(c["hops"]) < sum(n["hops"])
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.checkpointing], ids=lambda c: c.name)
@@ -254,7 +267,7 @@ def test_reentrant_checkpointing_is_refused_under_split_backward():
     enable_activation_checkpointing(model, use_reentrant=True)
     plan = ParallelPlan(2, pipeline_stages=2, pipeline_virtual=2, pipeline_schedule="InterleavedZeroBubble")
     with pytest.raises(ConfigError, match="use_reentrant=False"):
-        build_pipeline(model, plan, batch_size=BATCH, seq_len=8)
+        build_pipeline(model, plan, batch_size=MICRO, seq_len=8)
 
 
 def test_without_checkpointing_layers_run_once(results):
