@@ -158,6 +158,7 @@ def fla_in(d: dict) -> dict:
 
 # ----------------------------------------------------------------------------- torchtitan (llama3 + kimi_k3 attn_res)
 
+# llama3's args derive the FFN width from multiple_of / ffn_dim_multiplier; we write it as FeedForward's hidden_dim
 TITAN_ARCH = {"vocab_size": "vocab_size", "hidden_size": "dim", "intermediate_size": "hidden_dim",
               "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads", "num_key_value_heads": "n_kv_heads",
               "max_position_embeddings": "max_seq_len", "rms_norm_eps": "norm_eps", "rope_theta": "rope_theta",

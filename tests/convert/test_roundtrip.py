@@ -207,6 +207,19 @@ def test_tied_lm_head(layout):
     assert torch.equal(logits(load(AttnResConfig(**kwargs), back), IDS), logits(model, IDS))
 
 
+def test_bf16_hub_weights_widen_exactly():
+    """The K3 hub stores the AttnRes pairs in BF16; ours are fp32, and the widening is exact."""
+    config = tiny_config("block-aligned")
+    theirs, their_config = to_layout(random_model(config).state_dict(), config, "k3")
+    res = [k for k in theirs if "_res_" in k]
+    theirs = {k: v.bfloat16() if k in res else v for k, v in theirs.items()}
+    back, _ = from_layout(theirs, their_config, "k3")
+    q = back["model.layers.1.attn_res.pseudo_query"]
+    assert q.dtype == torch.float32
+    assert torch.equal(q, theirs["language_model.model.layers.1.self_attention_res_proj.weight"].float().reshape(-1))
+    assert back["model.layers.1.self_attn.q_proj.weight"].dtype == torch.float32  # shared weights keep theirs
+
+
 def test_old_stacked_names_export():
     config = tiny_config("block-aligned")
     sd = random_model(config).state_dict()
