@@ -221,14 +221,26 @@ def from_layout(state_dict: dict[str, Tensor], foreign_config: dict, layout: str
         convert_legacy_state_dict(state_dict, "model.")
     kwargs = lay.config_in(foreign_config)
     kwargs.setdefault("tie_word_embeddings", lay.shared[LM_HEAD] not in state_dict)
-    fresh_final = "attn_res_final_aggregation" not in kwargs and not _has_final(state_dict, lay)
-    if "attn_res_final_aggregation" not in kwargs:  # the weights decide (only our config says)
-        kwargs["attn_res_final_aggregation"] = not fresh_final or missing_final == "init"
-    config = _new_config(kwargs, lay.name)
-    entries = plan(config, lay)
+    fresh_final = _decide_final(kwargs, state_dict, lay, missing_final)
+    entries = plan(_new_config(kwargs, lay.name), lay)
     wanted = {e.theirs: (e.codec.shape(e.shape), e.optional or (fresh_final and e.ours[0].startswith(READS["final"])))
               for e in entries}
     _check(state_dict, wanted, f"layout {lay.name}", lay.name)
+    return _read(entries, state_dict), kwargs
+
+
+def _decide_final(kwargs: dict, state_dict: dict, lay: Layout, missing_final: str) -> bool:
+    """Set ``attn_res_final_aggregation`` from the weights unless the config says (only ours does); True when
+    the model gets a final aggregation the checkpoint lacks (``missing_final="init"``)."""
+    if "attn_res_final_aggregation" in kwargs:
+        return False
+    final = lay.reads["final"]
+    has = any(n in state_dict for n in (final.query, final.norm) if n)
+    kwargs["attn_res_final_aggregation"] = has or missing_final == "init"
+    return not has
+
+
+def _read(entries: list[Entry], state_dict: dict) -> dict[str, Tensor]:
     ours = {}
     for e in entries:
         if e.theirs in state_dict:
@@ -237,12 +249,7 @@ def from_layout(state_dict: dict[str, Tensor], foreign_config: dict, layout: str
             ours[LM_HEAD] = ours[EMBED]
         else:  # an unread layer-0 read, or a fresh final aggregation: the init values
             ours.update({k: _init(k, e.shape) for k in e.ours})
-    return ours, kwargs
-
-
-def _has_final(state_dict: dict, lay: Layout) -> bool:
-    final = lay.reads["final"]
-    return any(n in state_dict for n in (final.query, final.norm) if n)
+    return ours
 
 
 def _init(key: str, shape: tuple[int, ...]) -> Tensor:
