@@ -1,4 +1,4 @@
-"""``python -m benchmarks {op,step,memory,decode,all}``: run benchmarks, write OUT/<name>.json and .md."""
+"""``python -m benchmarks {op,step,memory,decode,all,pipeline}``: run benchmarks, write OUT/<name>.json and .md."""
 
 from __future__ import annotations
 
@@ -9,16 +9,19 @@ from pathlib import Path
 
 import torch
 
-from . import decode, memory, op, step
+from . import decode, memory, op, pipeline, step
 from .common import machine_info, machine_md, resolve_device, write_atomic, write_json
 
 SECTIONS = {"op": op, "step": step, "memory": memory, "decode": decode}
+EXTRA = {"pipeline": pipeline}  # not in "all": it spawns 2 processes (gloo)
 HELP = {
     "op": "one AttnRes read: ours vs paper pseudocode vs fla naive vs our naive; time, GB/s, fraction of copy",
     "step": "training step (fwd+bwd+AdamW) standard vs full vs block, eager and torch.compile; tokens/s",
     "memory": "bytes of distinct storages saved for backward by one training forward",
     "decode": "greedy generate with KV cache: per-token latency, batch 1 and 8",
     "all": "every benchmark above; writes OUT/results.json and OUT/results.md",
+    "pipeline": "pipeline parallelism: tensors/bytes per hop naive vs cached (paper shapes, this run) and the "
+    "step time of a 2-process pipeline with and without the cross-stage cache (not part of 'all')",
 }
 
 
@@ -34,13 +37,14 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{op,step,memory,decode,all}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{op,step,memory,decode,all,pipeline}")
     adders = {
         "op": [op.add_args],
         "step": [step.add_args],
         "memory": [step.add_args],
         "decode": [decode.add_args],
         "all": [op.add_args, step.add_args, decode.add_args],
+        "pipeline": [pipeline.add_args],
     }
     for name, fns in adders.items():
         sp = sub.add_parser(name, help=HELP[name], description=HELP[name])
@@ -62,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
     except (ValueError, RuntimeError) as e:
         raise SystemExit(str(e)) from e
+    sections = SECTIONS | EXTRA
     names = list(SECTIONS) if args.command == "all" else [args.command]
     out = Path(args.out)
     results = {"machine": machine_info(device), "quick": args.quick, "sections": {}}
@@ -69,10 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.perf_counter()
     for name in names:
         t0 = time.perf_counter()
-        sec = SECTIONS[name].run(args, device)
+        sec = sections[name].run(args, device)
         sec["wall_s"] = time.perf_counter() - t0
         results["sections"][name] = sec
-        md += ["", f"## {name}", "", SECTIONS[name].to_markdown(sec)]
+        md += ["", f"## {name}", "", sections[name].to_markdown(sec)]
         print(f"[{name}] done in {sec['wall_s']:.1f} s", flush=True)
     results["wall_s"] = time.perf_counter() - t_all
     stem = "results" if args.command == "all" else args.command

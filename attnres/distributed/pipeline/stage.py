@@ -42,6 +42,7 @@ class StageModule(nn.Module):
             self.lm_head = lm.lm_head
         self.scheme = base.residual
         self.two_phase = lm.config.attn_res_two_phase
+        self.dtype = base.embed_tokens.weight.dtype  # the wire's (static metadata)
         self._rope = base._rope  # a function of the config and positions
 
     def forward(self, *wire: Tensor, cached: tuple[Tensor, ...] = ()) -> Tensor | tuple[Tensor, ...]:
@@ -73,10 +74,14 @@ class StageModule(nn.Module):
         n = lay.n_sources(lay.bounds(k)[1])
         if len(state) != n:
             raise RuntimeError(f"stage {k} ends with {len(state)} residual sources, the layout expects {n}")
+        wire = tuple(state[j] for j in lay.wire_out(k))
+        if any(t.dtype != self.dtype for t in wire):
+            raise RuntimeError(f"stage {k} sends {sorted({str(t.dtype) for t in wire})}, the pipeline's wire is "
+                               f"{self.dtype} (the parameters' dtype); autocast across stages is not supported")
         for j in lay.computed_held(k):
             self.store.put(k, mb, j, state[j])
         self.store.release(k, mb)
-        return tuple(state[j] for j in lay.wire_out(k))
+        return wire
 
 
 class CachedStage(PipelineStage):
