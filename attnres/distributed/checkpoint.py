@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,10 @@ def save_sharded(out: Path, state, tokenizer, trainer_state: dict[str, Any], tra
 
     tmp = world.on_main(fresh_tmp, out)
     model_sd, optim_sd = get_state_dict(state.model, state.optimizers)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / SHARDED_DIR)
+    try:
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / SHARDED_DIR)
+    except dcp.CheckpointException as e:  # raised alike on every rank (a full disk, a permission)
+        raise CheckpointError(f"cannot write {tmp / SHARDED_DIR}: {_gist(e)}") from None
     rest = {k: v for k, v in trainer_state.items() if k != "optimizers"}
     return world.on_main(_finish_save, out, tmp, state.model.config, tokenizer, {**rest, "world_size": world.size},
                          train_config)
@@ -94,17 +98,38 @@ def load_sharded(state, ckpt: Path) -> None:
     """The model's and optimizers' states of sharded checkpoint ``ckpt`` into ``state`` (any wrapping,
     any number of processes, one included). A parameter that never had a gradient has no optimizer
     state in the checkpoint: that is allowed (DISTRIBUTED.md §2); a missing weight is not."""
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import DefaultLoadPlanner
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_sd, optim_sd = get_state_dict(state.model, state.optimizers)
     _check_weights_present(ckpt, model_sd, state.model.config)
     sd = {"model": model_sd, "optim": optim_sd}
-    dcp.load(sd, checkpoint_id=Path(ckpt) / SHARDED_DIR, planner=DefaultLoadPlanner(allow_partial_load=True),
-             no_dist=not (dist.is_available() and dist.is_initialized()))  # one process: no group needed
+    _dcp_load(sd, ckpt, planner=DefaultLoadPlanner(allow_partial_load=True))
     set_state_dict(state.model, state.optimizers, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+
+
+def _dcp_load(sd: dict[str, Any], ckpt: Path, alone: bool | None = None, **kwargs) -> None:
+    """``dcp.load`` of ``ckpt``'s part into ``sd`` (in place): collectively in a job, or in this one
+    process (``alone``; default: when there is no job), without DCP's warning that it assumes so.
+    A missing or damaged file is a :class:`CheckpointError` naming the checkpoint."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    if alone is None:
+        alone = not (dist.is_available() and dist.is_initialized())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        try:
+            dcp.load(sd, checkpoint_id=Path(ckpt) / SHARDED_DIR, no_dist=alone, **kwargs)
+        except dcp.CheckpointException as e:  # raised alike on every rank
+            raise CheckpointError(f"cannot load {Path(ckpt) / SHARDED_DIR}: {_gist(e)}") from None
+
+
+def _gist(e) -> str:
+    """The first failing rank's error of a ``CheckpointException``, in one line."""
+    exc, _ = next(iter(e.failures.values()))
+    text = " ".join(str(exc).split())[:200]
+    return f"{type(exc).__name__}{': ' + text if text else ''} (a file missing, truncated or unwritable?)"
 
 
 def _check_weights_present(ckpt: Path, model_sd: dict[str, Any], config) -> None:
@@ -125,8 +150,6 @@ def _check_weights_present(ckpt: Path, model_sd: dict[str, Any], config) -> None
 
 def load_sharded_model(ckpt: Path) -> nn.Module:
     """The float32 model of sharded checkpoint ``ckpt``, in this one process (no process group)."""
-    import torch.distributed.checkpoint as dcp
-
     from ..models import AttnResConfig, AttnResForCausalLM
 
     try:
@@ -136,10 +159,7 @@ def load_sharded_model(ckpt: Path) -> nn.Module:
     model = AttnResForCausalLM(config).float()
     sd = model.state_dict()
     _check_weights_present(ckpt, sd, config)
-    try:
-        dcp.load({"model": sd}, checkpoint_id=Path(ckpt) / SHARDED_DIR, no_dist=True)
-    except Exception as e:  # noqa: BLE001 - a truncated or missing shard surfaces as many exception types
-        raise CheckpointError(f"cannot load the weights in {ckpt / SHARDED_DIR}: {str(e).splitlines()[0]}") from None
+    _dcp_load({"model": sd}, ckpt, alone=True)
     model.load_state_dict(sd)
     return model
 

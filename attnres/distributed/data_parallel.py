@@ -5,10 +5,11 @@ the optimizers. DDP returns a wrapper (the optimizers keep the model's own param
 the model in place (its parameters become ``DTensor`` shards) and returns it.
 
 FSDP2 groups: each decoder layer, then the root (embeddings, final norm, head). With ``bf16`` the
-layers and root get a bf16 :class:`MixedPrecisionPolicy` (bf16 compute and all-gathers, fp32
-gradient reduction), and every AttnRes :class:`~attnres.residual.DepthQuery` first gets a group of its
-own with an fp32 policy that leaves its inputs alone (``cast_forward_inputs=False``), so the
-pseudo-queries, their gradients and the depth-softmax math stay fp32 (DISTRIBUTED.md §2).
+layers and root get a bf16 :class:`MixedPrecisionPolicy` (bf16 compute and all-gathers, fp32 gradient
+reduction; the layers take their inputs as they come, bf16 from the embedding), and every AttnRes
+:class:`~attnres.residual.DepthQuery` first gets a group of its own with an fp32 policy that leaves its
+inputs alone (``cast_forward_inputs=False``), so the pseudo-queries, their gradients and the
+depth-softmax math stay fp32 (DISTRIBUTED.md §2).
 """
 
 from __future__ import annotations
@@ -67,10 +68,14 @@ def apply_fsdp(model: nn.Module, mesh, *, bf16: bool = False) -> nn.Module:
         for name, module in model.named_modules():
             if isinstance(module, DepthQuery):
                 _shard(module, name, mesh, MixedPrecisionPolicy(**FP32), taken)
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
-    for i, layer in enumerate(model.model.layers):
-        _shard(layer, f"model.layers.{i}", mesh, policy, taken)
-    _shard(model, "the model's root (embeddings, final norm, head)", mesh, policy, taken)
+    # a layer's inputs are bf16 already (the bf16 embedding's); casting them would also copy the per-forward
+    # context, whose record list the probes fill (FSDP2 rebuilds dataclasses and lists when it casts)
+    layer = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                 cast_forward_inputs=False) if bf16 else None
+    for i, block in enumerate(model.model.layers):
+        _shard(block, f"model.layers.{i}", mesh, layer, taken)
+    root = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+    _shard(model, "the model's root (embeddings, final norm, head)", mesh, root, taken)
     return model
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -106,14 +107,15 @@ class World:
                 raise
             raise DistributedFailure(
                 f"rank {self.rank}: lost contact with the other processes of the job ({_first_line(e)}); another "
-                f"process probably died, see the launcher's report. Nothing after the last checkpoint is kept: "
-                f"rerun the same command with --resume to continue from it"
+                f"process probably died (the launcher's report names it); the last checkpoint is intact: rerun the "
+                f"same command with --resume to continue from it"
             ) from e
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
+    """The gist of a collective's error: gloo's source location and advice cut off."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip())
+    return text.splitlines()[0].split(". ")[0][:200] if text else type(e).__name__
 
 
 def _lost_peer(e: BaseException) -> bool:

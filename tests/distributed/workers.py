@@ -166,7 +166,9 @@ def max_diff(got: list[Step], want: list[Step]) -> dict[str, float]:
 
 def bf16_policy(world: World) -> dict[str, float]:
     """FSDP2 with bf16=True: the layers compute in bf16, every DepthQuery stays fp32 (its parameters in
-    forward, its output: the query the depth softmax uses), and the losses follow fp32's."""
+    forward, its output: the query the depth softmax uses), the losses follow fp32's, probes work."""
+    from attnres.analysis import collect_probes
+
     out = {}
     for residual in ("block", "full"):
         cfg = config(residual=residual, bf16=True)
@@ -179,6 +181,8 @@ def bf16_policy(world: World) -> dict[str, float]:
             torch.testing.assert_close(a.loss, b.loss, rtol=2e-2, atol=0)
         grads = [p.grad for n, p in state.model.named_parameters() if "_res." in n]
         assert grads and all(g.dtype == torch.float32 for g in grads)
+        probes = collect_probes(state.model, batches(cfg, 5)[0])  # every read recorded inside the layers
+        assert len(probes["hidden_rms"]) == 2 * cfg.num_hidden_layers + 1
         out[residual] = max(abs(a.loss - b.loss) / b.loss for a, b in zip(got, ref, strict=True))
     return out
 
