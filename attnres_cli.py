@@ -22,7 +22,8 @@ EPILOG = (
 )
 # the keys of attnres.train.config.PRESETS and attnres.train.config.RESIDUALS, in order (tests/test_cli.py)
 PRESETS = ("smoke", "default", "long")
-RESIDUALS = ("standard", "block", "full")
+RESIDUALS = ("standard", "block", "full", "denseformer", "hc", "mhc", "mhc_lite", "delta", "residual_scale",
+             "realformer", "depth_mha")
 # the keys of attnres.convert.LAYOUTS and attnres.convert.MISSING_FINAL, in order (tests/convert/test_cli.py)
 LAYOUTS = ("attnres", "k3", "fla", "torchtitan", "megatron", "gguf")
 MISSING_FINAL = ("sum", "init")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-from ..residual import RESIDUALS
+from ..residual.keys import ModelDims
+from ..residual.registry import REGISTRY, all_keys, entry, options_for
 
 
 def _positive_int(name: str, value) -> int:
@@ -19,7 +20,9 @@ class AttnResConfig(PretrainedConfig):
     The decoder keys are Llama's (``vocab_size``, ``hidden_size``, ``num_hidden_layers``, ...), so a
     ``residual="standard"`` model *is* a Llama. The residual keys:
 
-    - ``residual``: ``"standard"`` (PreNorm sum), ``"full"`` (Full AttnRes) or ``"block"`` (Block AttnRes).
+    - ``residual``: a name of ``attnres.residual.RESIDUALS``: ``"standard"`` (PreNorm sum), ``"full"``
+      (Full AttnRes), ``"block"`` (Block AttnRes), or a comparison scheme (``"denseformer"``, ``"hc"``,
+      ``"mhc"``, ``"mhc_lite"``, ``"delta"``, ``"residual_scale"``, ``"realformer"``, ``"depth_mha"``).
     - ``attn_res_block_size``: sublayers per block, the paper's S. Each decoder layer has two
       sublayers (attention, MLP), so a model has L = 2 * num_hidden_layers sublayers. S = 1 is Full.
     - ``attn_res_num_blocks``: the paper's N; used when no block size is given, as
@@ -33,9 +36,14 @@ class AttnResConfig(PretrainedConfig):
     - ``attn_res_two_phase``: Block AttnRes computes the inter-block terms of each layer's reads at
       once (PAPER Alg. 1) for training and prefill of at least 64 tokens (default True); the result
       is the same function.
+    - The chosen scheme's own keys (``attnres.residual.REGISTRY[residual].keys``: name, default, unit,
+      allowed values; README "Config units"), e.g. the Table 4 ablations of Full/Block
+      (``attn_res_query``, ``attn_res_weights``, ``attn_res_key_norm``, ``attn_res_window``,
+      ``attn_res_heads``, ``attn_res_head_norm``) or ``hyper_streams`` for HC. Only the chosen scheme's
+      keys become attributes; another scheme's key is an error unless it is at its default.
 
     The keys keep what was given (a saved config stays valid when ``num_hidden_layers`` changes on
-    load); :attr:`block_size` is the resolved S (1 for "full", None for "standard").
+    load); :attr:`block_size` is the resolved S (1 for "full", None for schemes without blocks).
     """
 
     model_type = "attnres"
@@ -90,9 +98,12 @@ class AttnResConfig(PretrainedConfig):
         self.rope_theta = rope_theta
         self.initializer_range = initializer_range
         self.use_cache = use_cache
-        if residual not in RESIDUALS:
-            raise ValueError(f"unknown residual {residual!r}; allowed: {', '.join(RESIDUALS)}")
+        entry(residual)  # a registered name, or a one-line error listing them
         self.residual = residual
+        scheme_keys = all_keys()
+        given = {name: kwargs.pop(name) for name in list(kwargs) if name in scheme_keys}
+        for name, value in options_for(residual, given).items():
+            setattr(self, name, value)
         self.attn_res_num_blocks = _positive_int("attn_res_num_blocks", attn_res_num_blocks)
         if attn_res_block_layers is not None:
             _positive_int("attn_res_block_layers", attn_res_block_layers)
@@ -101,11 +112,27 @@ class AttnResConfig(PretrainedConfig):
         self.attn_res_two_phase = bool(attn_res_two_phase)
         self.attn_res_block_size = attn_res_block_size
         self._resolve_block_size()  # validates the combination now
+        self.residual_scheme()  # and the scheme's keys against the model (e.g. heads dividing hidden_size)
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     @property
     def num_sublayers(self) -> int:
         return 2 * self.num_hidden_layers
+
+    def residual_options(self) -> dict:
+        """The chosen scheme's keys and their values (defaults where unset)."""
+        return {k.name: getattr(self, k.name, k.default) for k in REGISTRY[self.residual].keys}
+
+    def residual_dims(self) -> ModelDims:
+        """What the scheme may know about this model."""
+        return ModelDims(self.num_sublayers, self.hidden_size, self.num_attention_heads, self.rms_norm_eps,
+                         self.block_size, self.attn_res_final_aggregation)
+
+    def residual_scheme(self):
+        """The residual scheme this config describes (configuration only; no parameters)."""
+        from ..residual.registry import build
+
+        return build(self.residual, self.residual_dims(), self.residual_options())
 
     @property
     def block_size(self) -> int | None:
@@ -122,7 +149,7 @@ class AttnResConfig(PretrainedConfig):
                 f"attn_res_block_size={block_size} (sublayers) contradicts attn_res_block_layers={layers} "
                 f"(decoder layers = {2 * layers} sublayers); give one of them"
             )
-        if self.residual == "standard":
+        if self.residual not in ("full", "block"):
             return None
         if self.residual == "full":
             if block_size not in (None, 1):

@@ -3,11 +3,12 @@
 The network never branches on the scheme: a decoder layer takes the residual state (a tuple of
 tensors) and returns the new one; each sublayer's input comes from ``scheme.read`` and its output goes
 to ``scheme.write`` (DESIGN.md). Parameter names follow HF Llama, so a ``LlamaForCausalLM``
-state_dict loads into a ``residual="standard"`` model and gives the same logits; AttnRes adds one
-:class:`~attnres.residual.DepthQuery` per read point, in the layer that reads:
-``model.layers.{i}.attn_res`` / ``model.layers.{i}.mlp_res`` (``pseudo_query``, ``key_norm_weight``)
-and ``model.output_res`` for the final aggregation. Checkpoints with the older stacked names
-(``model.residual.*``) are converted on load (``legacy.py``).
+state_dict loads into a ``residual="standard"`` model and gives the same logits. A scheme's parameters
+are one module per read point, ``scheme.read_params(j, hidden_size)``, in the layer that reads:
+``model.layers.{i}.attn_res`` / ``model.layers.{i}.mlp_res`` and ``model.output_res`` (the final read);
+for Full/Block a :class:`~attnres.residual.DepthQuery` (``pseudo_query``, ``key_norm_weight``).
+Checkpoints with the older stacked names (``model.residual.*``) are converted on load (``legacy.py``).
+The one other contact between scheme and network is the attention hook (``scheme.score_bias``).
 
 HF renamed the cache keyword and output field from ``past_key_values`` to ``cache`` (transformers
 5.24). Both names are accepted; outputs carry the cache in the field the installed transformers
@@ -23,14 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
-from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import logging
 
 from ..ops import cpu_kernel
 from ..ops._checks import compute_dtype
-from ..residual import DepthQuery, Mode, Pass, RMSNorm, State, build_residual
+from ..residual import Mode, Pass, ResidualParams, RMSNorm, ScoreBias, State, build_scheme
 from .configuration import AttnResConfig
 from .legacy import convert_legacy_state_dict, legacy_pretrained_state_dict
 
@@ -81,8 +81,11 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * hd, d, bias=False)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, causal: bool,
-                cache: Cache | None, weights: list[Tensor] | None = None) -> Tensor:
-        """``weights``: if a list, the attention probabilities [B, heads, q, kv] are appended to it."""
+                cache: Cache | None, weights: list[Tensor] | None = None,
+                score_bias: ScoreBias | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """``weights``: if a list, the attention probabilities [B, heads, q, kv] are appended to it.
+        ``score_bias`` (the residual scheme's hook, :meth:`ResidualScheme.score_bias`): added to the scaled
+        scores before the mask; then the output is ``(out, scores + bias)``, the sum unmasked."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -91,27 +94,36 @@ class Attention(nn.Module):
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-        if weights is None:
+        if weights is None and score_bias is None:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.num_kv_heads != self.num_heads
             )
-        else:
-            y = self._explicit(q, k, v, mask, causal, weights)
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+            return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+        y, scores = self._explicit(q, k, v, mask, causal, weights, score_bias)
+        out = self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+        return out if score_bias is None else (out, scores)
 
-    def _explicit(self, q, k, v, mask, causal, weights: list[Tensor]) -> Tensor:
-        """The same attention with its probabilities materialised (as HF's eager path: fp32 softmax)."""
+    def _explicit(self, q, k, v, mask, causal, weights: list[Tensor] | None,
+                  score_bias: ScoreBias | None = None) -> tuple[Tensor, Tensor]:
+        """The same attention with its scores and probabilities materialised (as HF's eager path: fp32
+        softmax); returns the output and the scaled scores plus ``score_bias``, unmasked."""
         rep = self.num_heads // self.num_kv_heads
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        scores = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5
+        scores = logits = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5
+        if score_bias is not None:
+            if score_bias.bias is not None:
+                scores = logits = scores + score_bias.bias
+            if score_bias.scale != 1.0:
+                logits = scores * score_bias.scale
         if causal:
             q_len, kv_len = q.shape[-2], k.shape[-2]
             mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(kv_len - q_len)
         if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        p = torch.softmax(scores, dim=-1, dtype=compute_dtype(q.dtype)).to(q.dtype)
-        weights.append(p)
-        return p @ v
+            logits = logits.masked_fill(~mask, float("-inf"))
+        p = torch.softmax(logits, dim=-1, dtype=compute_dtype(q.dtype)).to(q.dtype)
+        if weights is not None:
+            weights.append(p)
+        return p @ v, scores
 
 
 class MLP(nn.Module):
@@ -143,8 +155,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attn_res = DepthQuery(config.hidden_size) if scheme.has_queries else None
-        self.mlp_res = DepthQuery(config.hidden_size) if scheme.has_queries else None
+        # read points 2i and 2i + 1: the scheme's parameters for them (DepthQuery for Full/Block), or None
+        self.attn_res = scheme.read_params(2 * layer_idx, config.hidden_size)
+        self.mlp_res = scheme.read_params(2 * layer_idx + 1, config.hidden_size)
 
     def forward(self, *state: Tensor, ctx: Pass, rope, mask, causal, cache, attentions=None) -> State:
         body = functools.partial(self._sublayers, ctx=ctx, rope=rope, mask=mask, causal=causal, cache=cache,
@@ -154,12 +167,17 @@ class DecoderLayer(nn.Module):
         return body(*state)
 
     def _sublayers(self, *state: Tensor, ctx: Pass, rope, mask, causal, cache, attentions) -> State:
-        scheme, j = self.scheme, 2 * self.layer_idx
-        plan = scheme.plan(state, j, (self.attn_res, self.mlp_res), ctx)
-        x = scheme.read(state, j, self.attn_res, self.input_layernorm, ctx, plan)
-        state = scheme.write(state, j, self.self_attn(x, rope, mask, causal, cache, attentions), ctx)
-        x = scheme.read(state, j + 1, self.mlp_res, self.post_attention_layernorm, ctx, plan)
-        return scheme.write(state, j + 1, self.mlp(x), ctx)
+        scheme, j, attn_res, mlp_res = self.scheme, 2 * self.layer_idx, self.attn_res, self.mlp_res
+        plan = scheme.plan(state, j, (attn_res, mlp_res), ctx)
+        x = scheme.read(state, j, attn_res, self.input_layernorm, ctx, plan)
+        bias = scheme.score_bias(state, j, ctx)  # the attention hook: None but for RealFormer
+        if bias is None:
+            state = scheme.write(state, j, self.self_attn(x, rope, mask, causal, cache, attentions), ctx, attn_res)
+        else:
+            out, scores = self.self_attn(x, rope, mask, causal, cache, attentions, bias)
+            state = scheme.write(state, j, out, ctx, attn_res, scores)
+        x = scheme.read(state, j + 1, mlp_res, self.post_attention_layernorm, ctx, plan)
+        return scheme.write(state, j + 1, self.mlp(x), ctx, mlp_res)
 
 
 class AttnResPreTrainedModel(PreTrainedModel):
@@ -174,9 +192,8 @@ class AttnResPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, DepthQuery):
-            init.zeros_(module.pseudo_query)
-            init.ones_(module.key_norm_weight)
+        if isinstance(module, ResidualParams):  # a read point's parameters: the scheme's own init
+            module.reset_parameters(self.config.initializer_range or 0.02)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -219,17 +236,14 @@ def _attention_mask(attention_mask: Tensor | None, q_len: int, past: int, device
 class AttnResModel(AttnResPreTrainedModel):
     def __init__(self, config: AttnResConfig):
         super().__init__(config)
-        self.residual = scheme = build_residual(
-            config.residual, config.num_sublayers, config.block_size, config.attn_res_final_aggregation,
-            config.rms_norm_eps,
-        )
+        self.residual = scheme = build_scheme(config.residual, config.residual_dims(), config.residual_options())
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i, scheme) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.output_res = DepthQuery(config.hidden_size) if scheme.final_aggregation else None
+        self.output_res = scheme.read_params(config.num_sublayers, config.hidden_size)  # the final read's
         self._records = None
         self.register_load_state_dict_pre_hook(_convert_legacy_hook)
-        if scheme.has_queries:
+        if scheme.uses_read_kernel:
             cpu_kernel.prepare()  # build the fused CPU read now, not inside the first forward
         self.post_init()
 

@@ -43,6 +43,7 @@ class TwoPhasePlan:
 class BlockAttnRes(ResidualScheme):
     name = "block"
     has_queries = True
+    uses_read_kernel = True
 
     def __init__(self, num_sublayers: int, block_size: int, final_aggregation: bool = True, eps: float = 1e-6):
         if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size <= 0:
@@ -61,7 +62,7 @@ class BlockAttnRes(ResidualScheme):
             return bank.start(embedding, 1 + self.num_blocks)
         return (embedding,)
 
-    def write(self, state: State, j: int, out: Tensor, ctx: Pass) -> State:
+    def write(self, state: State, j: int, out: Tensor, ctx: Pass, params=None, scores=None) -> State:
         if ctx.mode is Mode.BANK:
             return bank.write(state, j, out, self.block_size)
         if j % self.block_size == 0:  # opens a block: the output is its partial sum

@@ -18,7 +18,7 @@ class StandardResidual(ResidualScheme):
         self._check_read(j)
         return self._normed(state, j, norm, ctx)
 
-    def write(self, state: State, j: int, out: Tensor, ctx: Pass) -> State:
+    def write(self, state: State, j: int, out: Tensor, ctx: Pass, params=None, scores=None) -> State:
         return (state[0] + out,)
 
     def finish(self, state: State, query: DepthQuery | None, norm: nn.Module, ctx: Pass) -> Tensor:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-RESIDUALS = ("standard", "block", "full")
+RESIDUALS = __import__("attnres.residual.registry", fromlist=["RESIDUALS"]).RESIDUALS  # the registry's, in order
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "wsd")
 TOKENIZERS = ("bpe", "byte")
