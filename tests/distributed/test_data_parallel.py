@@ -37,7 +37,7 @@ def test_dcp_resume_is_exact_and_moves_between_process_counts_and_exports(tmp_pa
     ckpt = tmp_path / "fsdp" / "checkpoint"
     restore(state, ckpt, load_trainer_state(ckpt))
     assert state.step == 2
-    got = [s.loss for s in workers.train_steps(state, cfg, World(), 2, 2)]
+    got = [s.loss for s in workers.train_steps(state, cfg, World(), 2, 2, workers.FROZEN)]
     want = json.loads((tmp_path / "single.json").read_text())[2:]
     torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
 

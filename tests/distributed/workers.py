@@ -35,6 +35,7 @@ FP64 = dict(rtol=1e-10, atol=1e-13)
 # ~1e-13 (measured 7.8e-14 at lr 1e-2), so weights get an absolute tolerance 1e-12 (1e-10 of one update)
 PARAM_TOL = dict(rtol=1e-10, atol=1e-12)
 EXACT = dict(rtol=0, atol=0)
+FROZEN = "model.norm.weight"  # resume(): a parameter that is never updated, so it has no optimizer state
 
 
 def config(**kw):
@@ -105,13 +106,16 @@ class Step:
     params: dict[str, torch.Tensor]
 
 
-def train_steps(state: TrainState, cfg, world: World, first: int, n: int) -> list[Step]:
-    """Steps ``first .. first + n - 1``, each on this rank's rows, as the Trainer takes them."""
+def train_steps(state: TrainState, cfg, world: World, first: int, n: int, drop: str = "") -> list[Step]:
+    """Steps ``first .. first + n - 1``, each on this rank's rows, as the Trainer takes them; ``drop``
+    names a parameter whose gradient is dropped before each update (so it has no optimizer state)."""
     out = []
     for step in range(first, first + n):
         raw = forward_backward(state, [world.shard(b) for b in batches(cfg, step)], cfg)
         loss, gn = StepOutput(world.mean(raw.micro_losses), raw.grad_norm).read()
-        grads = {n: full(p.grad) for n, p in state.model.named_parameters()}
+        if drop:
+            state.model.get_parameter(drop).grad = None
+        grads = {n: full(p.grad) for n, p in state.model.named_parameters() if p.grad is not None}
         optimizer_step(state, cfg)
         out.append(Step(loss, gn, grads, {n: full(p) for n, p in state.model.named_parameters()}))
     return out
@@ -215,22 +219,25 @@ def refuse_mixed_dtypes(world: World) -> None:
 
 def resume(rank: int, size: int, port: int, out: str) -> None:
     """DCP: 2 steps, save, a fresh model restores, 2 more == 4 uninterrupted steps, bitwise (DDP and
-    FSDP2, fp64). Leaves the FSDP2 checkpoint, the 4-step single-process losses and, from an fp32
-    FSDP2 run, a checkpoint and its live logits for the parent's 2 -> 1 process and export checks."""
+    FSDP2, fp64; one parameter is never updated, so the checkpoint lacks its optimizer state). Leaves
+    the FSDP2 checkpoint, the 4-step single-process losses and, from an fp32 FSDP2 run, a checkpoint
+    and its live logits for the parent's 2 -> 1 process and export checks."""
     from attnres.data.tokenizer import byte_tokenizer
 
     world, root = join(rank, size, port), Path(out)
     cfg, tok = config(residual="block"), byte_tokenizer()
+    frozen = FROZEN
     for kind in ("ddp", "fsdp"):
-        whole = train_steps(build(cfg, kind, world), cfg, world, 0, 4)
+        whole = train_steps(build(cfg, kind, world), cfg, world, 0, 4, frozen)
         first = build(cfg, kind, world)
-        train_steps(first, cfg, world, 0, 2)
+        train_steps(first, cfg, world, 0, 2, frozen)
+        assert all(first.model.get_parameter(frozen) not in o.state for o in first.optimizers)
         ckpt = save_sharded(root / kind, first, tok, trainer_state(first, cfg), cfg.to_dict(), world)
         again = build(cfg, kind, world)
         restore(again, ckpt, load_trainer_state(ckpt))
         assert again.step == 2
-        assert_same(train_steps(again, cfg, world, 2, 2), whole[2:], f"{kind} resumed", EXACT, EXACT)
-    single = train_steps(build(cfg, "single", world), cfg, World(), 0, 4)
+        assert_same(train_steps(again, cfg, world, 2, 2, frozen), whole[2:], f"{kind} resumed", EXACT, EXACT)
+    single = train_steps(build(cfg, "single", world), cfg, World(), 0, 4, frozen)
     fp32 = build(config(residual="block"), "fsdp-fp32", world, torch.float32)
     train_steps(fp32, cfg, world, 0, 1)
     save_sharded(root / "fsdp-fp32", fp32, tok, trainer_state(fp32, cfg), cfg.to_dict(), world)
