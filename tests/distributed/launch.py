@@ -28,9 +28,16 @@ def free_port() -> int:
 def spawn(fn, *args, nprocs: int = 2, timeout: float = 240.0) -> None:
     """Run ``fn(rank, nprocs, port, *args)`` in ``nprocs`` fresh processes; a worker's exception fails the
     test with its traceback."""
-    os.environ["OMP_NUM_THREADS"] = "1"
-    ctx = mp.start_processes(fn, args=(nprocs, free_port(), *args), nprocs=nprocs, join=False,
-                             start_method="spawn")
+    threads = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"  # the children's (they read it when they start)
+    try:
+        ctx = mp.start_processes(fn, args=(nprocs, free_port(), *args), nprocs=nprocs, join=False,
+                                 start_method="spawn")
+    finally:
+        if threads is None:
+            del os.environ["OMP_NUM_THREADS"]
+        else:
+            os.environ["OMP_NUM_THREADS"] = threads
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=5):
         if time.monotonic() > deadline:
