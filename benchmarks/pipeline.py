@@ -62,10 +62,9 @@ def run_layouts(cfg: dict) -> list[dict]:
     """The measured run's hops for each residual arm: tensors and bytes, naive vs cached."""
     rows = []
     mb_tokens = cfg["batch"] // cfg["microbatches"] * cfg["seq"]
-    for residual, S in (("block", 2), ("full", 1), ("standard", None)):
-        for cache in (False, True) if S else (True,):
-            lay = Layout.build(cfg["model"]["num_hidden_layers"], 2, cfg["virtual"], S,
-                               style=style_of(cfg["schedule"]), cache=cache)
+    for residual in ("block", "full", "standard"):
+        for cache in (False, True) if residual != "standard" else (True,):
+            lay = _layout(cfg, residual, cache)
             hops = lay.hop_tensors()
             bytes_ = lay.hop_bytes(mb_tokens, cfg["model"]["hidden_size"], 4)
             rows.append({"residual": residual, "cache": cache, "hops": hops, "local": [h.local for h in lay.hops()],
@@ -139,6 +138,46 @@ def _one_process_model(cfg: dict):
     return AttnResForCausalLM(AttnResConfig(residual="block", attn_res_block_size=2, use_cache=False, **cfg["model"]))
 
 
+def _layout(cfg: dict, residual: str, cache: bool) -> Layout:
+    S = {"block": 2, "full": 1, "standard": None}[residual]
+    return Layout.build(cfg["model"]["num_hidden_layers"], 2, cfg["virtual"], S, style=style_of(cfg["schedule"]),
+                        cache=cache)
+
+
+def _transfer(rank: int, lay: Layout, shape: tuple[int, ...], microbatches: int) -> None:
+    """One step's hop payloads between the two ranks, forward then backward, with blocking send/recv."""
+    import torch.distributed as dist
+
+    hops = [h for h in lay.hops() if not h.local]
+    order = [(lay.ranks[h.k], lay.ranks[h.k + 1], h.tensors) for h in hops]
+    order += [(b, a, n) for a, b, n in reversed(order)]
+    buf = torch.zeros(shape)
+    for src, dst, n in order:
+        for _ in range(n * microbatches):
+            if rank == src:
+                dist.send(buf, dst)
+            elif rank == dst:
+                dist.recv(buf, src)
+
+
+def _time_transfers(rank: int, cfg: dict) -> dict[str, list[float]]:
+    """The communication alone: each arm's per-step hop payloads sent and received, interleaved rounds."""
+    import torch.distributed as dist
+
+    shape = (cfg["batch"] // cfg["microbatches"], cfg["seq"], cfg["model"]["hidden_size"])
+    arms = {_arm(r, c): _layout(cfg, r, c) for r, c in ARMS}
+    times = {name: [] for name in arms}
+    for rnd in range(-1, cfg["repeats"]):
+        for name, lay in arms.items():
+            dist.barrier()
+            t0 = time.perf_counter()
+            _transfer(rank, lay, shape, cfg["microbatches"])
+            dist.barrier()
+            if rnd >= 0:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
 def _worker(rank: int, init: str, out: str, cfg: dict) -> None:
     import torch.distributed as dist
 
@@ -147,7 +186,8 @@ def _worker(rank: int, init: str, out: str, cfg: dict) -> None:
     try:
         ids = torch.randint(0, cfg["model"]["vocab_size"], (cfg["batch"], cfg["seq"]),
                             generator=torch.Generator().manual_seed(cfg["seed"]))
-        res = {"one_process": _time_one_process(rank, cfg, ids), "pipeline": _time_arms(rank, cfg, ids)}
+        res = {"one_process": _time_one_process(rank, cfg, ids), "pipeline": _time_arms(rank, cfg, ids),
+               "transfer": _time_transfers(rank, cfg)}
         Path(out, f"rank{rank}.json").write_text(json.dumps(res))
     finally:
         dist.destroy_process_group()
@@ -162,7 +202,9 @@ def measure(cfg: dict) -> dict:
     # a round's step time is the slower rank's (a barrier before and after every step)
     steps = {name: [max(a, b) for a, b in zip(ranks[0]["pipeline"][name], ranks[1]["pipeline"][name], strict=True)]
              for name in ranks[0]["pipeline"]}
-    return {"one_process_s": ranks[0]["one_process"], "steps_s": steps}
+    transfer = {name: [max(a, b) for a, b in zip(ranks[0]["transfer"][name], ranks[1]["transfer"][name], strict=True)]
+                for name in ranks[0]["transfer"]}
+    return {"one_process_s": ranks[0]["one_process"], "steps_s": steps, "transfer_s": transfer}
 
 
 # ----------------------------------------------------------------------------- section interface
@@ -174,13 +216,22 @@ def run(args, device: torch.device) -> dict:
     print(f"[pipeline] 2 processes, {cfg['schedule']} P=2 V={cfg['virtual']}, {len(ARMS)} arms x "
           f"{cfg['repeats']} rounds", flush=True)
     timed = measure(cfg)
-    rows = [{"arm": name, "step_ms": 1e3 * statistics.median(t), "times_ms": [1e3 * x for x in t],
-             "tokens_per_s": cfg["batch"] * cfg["seq"] / statistics.median(t)} for name, t in timed["steps_s"].items()]
-    one = timed["one_process_s"]
-    rows.append({"arm": "block/1 process", "step_ms": 1e3 * statistics.median(one), "times_ms": [1e3 * x for x in one],
-                 "tokens_per_s": cfg["batch"] * cfg["seq"] / statistics.median(one)})
+    steps = timed["steps_s"] | {"block/1 process": timed["one_process_s"]}
+    rows = [{"arm": name, "step_ms": 1e3 * statistics.median(t), "min_ms": 1e3 * min(t),
+             "times_ms": [1e3 * x for x in t], "tokens_per_s": cfg["batch"] * cfg["seq"] / statistics.median(t),
+             "vs_naive": _vs_naive(name, steps),
+             "transfer_ms": 1e3 * statistics.median(timed["transfer_s"][name]) if name in timed["transfer_s"] else None}
+            for name, t in steps.items()]
     return {"config": cfg, "device": "cpu (gloo; --device is ignored)", "paper": paper_rows(),
             "layouts": run_layouts(cfg), "rows": rows}
+
+
+def _vs_naive(name: str, steps: dict) -> float | None:
+    """Cache ÷ naive step time: the median over rounds of the ratio within a round (both timed in it)."""
+    naive = name.replace("/cache", "/naive")
+    if not name.endswith("/cache") or naive not in steps:
+        return None
+    return statistics.median(a / b for a, b in zip(steps[name], steps[naive], strict=True))
 
 
 def _paper_md(res: dict) -> str:
@@ -208,11 +259,14 @@ def _run_md(res: dict) -> str:
              r["peak_bytes"] / 2**10) for r in res["layouts"]]
     table = md_table(["residual/transport", "tensors per hop", "KiB per hop per microbatch",
                       "Σ MiB sent per step (fwd; bwd the same)", "peak KiB per hop"], rows)
-    timed = md_table(["arm", "step ms (median)", "tokens/s"], [(r["arm"], r["step_ms"], r["tokens_per_s"])
-                                                               for r in res["rows"]])
+    timed = md_table(["arm", "step ms (median)", "step ms (min)", "tokens/s", "cache ÷ naive time (paired)",
+                      "hop payloads alone, ms per step"],
+                     [(r["arm"], r["step_ms"], r["min_ms"], r["tokens_per_s"], r["vs_naive"], r["transfer_ms"])
+                      for r in res["rows"]])
     return (f"Run: {cfg['schedule']}, P=2, V={cfg['virtual']}, {cfg['microbatches']} microbatches, batch "
             f"{cfg['batch']} x {cfg['seq']}, model {cfg['model']}, fp32, block S=2; 2 processes x 1 thread, gloo; "
-            f"median of {cfg['repeats']} interleaved rounds (forward + backward, no optimizer).\n\n{table}\n\n{timed}")
+            f"median of {cfg['repeats']} interleaved rounds (forward + backward, no optimizer; the 1-process arm runs "
+            f"first, alone, rank 1 waiting).\n\n{table}\n\n{timed}")
 
 
 def to_markdown(res: dict) -> str:

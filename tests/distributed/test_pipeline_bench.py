@@ -27,7 +27,8 @@ def test_span(xs, text):
 
 
 def test_section_formats(monkeypatch):
-    fake = {"one_process_s": [0.2, 0.3], "steps_s": {bench._arm(r, c): [0.1, 0.12] for r, c in bench.ARMS}}
+    arms = {bench._arm(r, c): [0.1, 0.12] for r, c in bench.ARMS}
+    fake = {"one_process_s": [0.2, 0.3], "steps_s": arms, "transfer_s": arms}
     monkeypatch.setattr(bench, "measure", lambda cfg: fake)
     args = argparse.Namespace(quick=True, pp_schedule="DualPipeV", pp_virtual=2, pp_microbatches=4, repeats=2, seed=0)
     res = bench.run(args, "cpu")
