@@ -9,10 +9,12 @@ adds nothing, and the final output is the plain sum (no final routing). Each rea
 ``pseudo_query`` (0), ``key_norm_weight`` (1) and, with ``delta_gate="scalar"``, ``gate`` (0).
 
 ``delta_gate``: ``"scalar"`` (default) multiplies the mixture by a zero-init learned scalar g_l, so a
-fresh model is the standard residual exactly (an identity at zero init, which is what lets a pretrained
-PreNorm checkpoint be converted by fine-tuning); it is the authors' ``attnres_gate_type="learnable_alpha"``
-((1 - a) s + a (s + mix) = s + a mix). ``"none"`` is their default from-scratch setting (g = 1): at zero
-init h = s + mean(v), *not* the identity (their "null source" only approximates one).
+fresh model is the standard residual exactly, bit for bit (an identity at zero init, which is what lets a
+pretrained PreNorm checkpoint be converted by fine-tuning); it is the authors'
+``attnres_gate_type="learnable_alpha"`` ((1 - a) s + a (s + mix) = s + a mix). ``"none"`` is their default
+from-scratch setting (g = 1): at zero init the weights are uniform and the sources sum to s, so
+h = s + s / n = (1 + 1/n) s, the standard residual up to a scale that the PreNorm removes (exactly only as
+eps -> 0; the same argument as Full AttnRes at zero init).
 
 State: ``(s, v_0, ..., v_j)``. One layout in every mode; the mixture is the library's AttnRes read.
 """
@@ -46,8 +48,8 @@ class DeltaAttnRes(ResidualScheme):
     uses_read_kernel = True
     keys = (
         Key("delta_gate", "scalar", "'scalar': h = s + g * mix with a zero-init scalar g per read point "
-            "(identity at step 0); 'none': h = s + mix (the authors' from-scratch default; not the identity at "
-            "step 0)", kind="choice", choices=("scalar", "none")),
+            "(standard exactly at step 0); 'none': h = s + mix (the authors' from-scratch default; standard up "
+            "to the PreNorm's scale at step 0)", kind="choice", choices=("scalar", "none")),
     )
 
     def __init__(self, num_sublayers: int, eps: float = 1e-6, delta_gate: str = "scalar"):
