@@ -47,6 +47,7 @@ class Case:
     seq: int = 8
     P: int = 2  # processes
     micro: int = MICRO  # microbatches, of one row each
+    options: tuple[tuple[str, object], ...] = ()  # more config keys (a Table 4 ablation)
 
     @property
     def virtual(self) -> int:
@@ -60,6 +61,7 @@ class Case:
         extra += ["ckpt" + ("-reentrant" if self.checkpointing == "reentrant" else "")] if self.checkpointing else []
         extra += ["paper-exit"] if not self.keep_exit else []
         extra += [f"T{self.seq}"] if self.seq != 8 else []
+        extra += [f"{k}={v}" for k, v in self.options]
         return "-".join([self.schedule, f"P{self.P}", res, "cache" if self.cache else "naive", *extra])
 
 
@@ -73,6 +75,7 @@ def _cases() -> list[Case]:
         Case("Interleaved1F1B", S=2, layers=6, V=3),
         Case("LoopedBFS", S=3, keep_exit=False),
         Case("Interleaved1F1B", S=3, seq=64),  # 64-token microbatches: the two-phase reads
+        Case("Interleaved1F1B", S=3, options=(("attn_res_query", "input_dependent"),)),  # the ablation path
         Case("1F1B", S=3, checkpointing=True),
         Case("InterleavedZeroBubble", S=3, checkpointing=True),
         Case("DualPipeV", S=2, checkpointing=True),
@@ -93,7 +96,7 @@ def _model(case: Case) -> AttnResForCausalLM:
     config = AttnResConfig(
         vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=case.layers,
         num_attention_heads=2, num_key_value_heads=1, residual=case.residual,
-        attn_res_block_size=case.S if case.residual == "block" else None, use_cache=False,
+        attn_res_block_size=case.S if case.residual == "block" else None, use_cache=False, **dict(case.options),
     )
     torch.manual_seed(0)
     return AttnResForCausalLM(config).double()
@@ -306,6 +309,7 @@ def _config(layers: int = 4, **kw) -> AttnResConfig:
         (ParallelPlan(4, pipeline_stages=2), 6, _config(4), None, "batch_size=6 \\(3 rows for each of 2 pipelines\\)"),
         (ParallelPlan(4, pipeline_stages=2), 5, _config(4), None, "over 2 data-parallel pipelines"),
         (ParallelPlan(2, pipeline_stages=2), 4, _config(4, tie_word_embeddings=True), None, "tie_word_embeddings"),
+        (ParallelPlan(2, pipeline_stages=2), 4, _config(4, residual="hc"), None, "got residual='hc'"),
     ],
 )
 def test_bad_plans_are_one_line_config_errors(plan, batch, config, split, match):

@@ -22,6 +22,7 @@ from .layout import V_SHAPE, Layout, style_of
 from .stage import CachedStage, StageModule
 from .store import RankStore
 
+RESIDUALS = ("standard", "full", "block")  # state layouts the routing table knows: (h,) and Block's source list
 SINGLE_STAGE = ("GPipe", "1F1B")  # one stage per rank
 SPLIT_BACKWARD = ("InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")  # input and weight gradients apart
 SCHEDULE_CLASSES = {
@@ -68,6 +69,9 @@ def _stage_problem(plan: ParallelPlan, config, split) -> str | None:
                 f"stages; change the counts or give a split (layers per stage)")
     if split is not None and (len(split) != C or sum(split) != L or min(split) < 1):
         return f"the split {tuple(split)} must give each of the {C} stages at least one of the {L} decoder layers"
+    if config.residual not in RESIDUALS:
+        return (f"pipeline parallelism runs residual {', '.join(RESIDUALS)} (the state layouts its routing table "
+                f"knows); got residual={config.residual!r}")
     if config.tie_word_embeddings:
         return "tie_word_embeddings is not supported with pipeline parallelism: embedding and LM head are two stages"
     return None
