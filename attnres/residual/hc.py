@@ -12,7 +12,8 @@ standard residual sum and a fresh model equals ``standard`` (its output, the sum
 the standard one, which the final RMSNorm removes up to eps). ``hc_h_res="identity"`` fixes A_r = I.
 
 Parameters of read point j < L (``layers.{i}.attn_res`` / ``mlp_res``): ``w_pre`` [D], ``w_res`` [n, D],
-``w_post`` [D], ``static_pre`` [n], ``static_res`` [n, n], ``static_post`` [n], ``scale_alpha`` [1],
+``w_post`` [D], ``static_pre`` [n], ``static_res`` [n * n] (row-major A_r0; 1-D, so, like every static
+vector here, not weight-decayed toward 0), ``static_post`` [n], ``scale_alpha`` [1],
 ``scale_beta`` [1], fp32. ``write`` recomputes the coefficients from the same H as its ``read`` (the scheme
 keeps no per-forward state; the projections are O(nD) per token). State: ``(H,)``, ``H`` ``[n, ..., D]``;
 one layout in every mode; the final output is norm(sum of the streams).
@@ -44,7 +45,7 @@ class HyperParams(ResidualParams):
         self.static_post = nn.Parameter(torch.zeros(n))
         if free_res:
             self.w_res = nn.Parameter(torch.zeros(n, d))
-            self.static_res = nn.Parameter(torch.zeros(n, n))
+            self.static_res = nn.Parameter(torch.zeros(n * n))
         self.scale_alpha = nn.Parameter(torch.zeros(1))
         self.scale_beta = nn.Parameter(torch.zeros(1))
         self.reset_parameters()
@@ -56,7 +57,7 @@ class HyperParams(ResidualParams):
         init_copy_(self.static_pre, F.one_hot(torch.tensor(self.j % n), n).float())
         nn.init.ones_(self.static_post)
         if hasattr(self, "static_res"):
-            nn.init.eye_(self.static_res)
+            init_copy_(self.static_res, torch.eye(n).flatten())
         nn.init.constant_(self.scale_alpha, 0.01)
         nn.init.constant_(self.scale_beta, 0.01)
 
@@ -116,7 +117,7 @@ class HyperConnections(ResidualScheme):
         b = b + self._col(params.static_post.to(ct), b)
         if self.free_res:
             a_r = params.scale_alpha.to(ct) * torch.tanh(hbar @ params.w_res.to(ct).T)  # [n(t), ..., n(s)]
-            a_r = a_r + params.static_res.to(ct).reshape(a_r.shape[0], *[1] * (a_r.dim() - 2), a_r.shape[-1])
+            a_r = a_r + params.static_res.to(ct).reshape(a_r.shape[0], *[1] * (a_r.dim() - 2), a_r.shape[-1])  # [t, s]
             mixed = torch.einsum("t...s,t...d->s...d", a_r, h)
         else:
             mixed = h

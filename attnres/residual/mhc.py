@@ -15,7 +15,8 @@ b_res = +8 / -8 with Sinkhorn on logits / 0.05: close to ``standard`` (with n = 
 ``mhc_h_res="identity"``, the standard residual up to the PreNorm's eps).
 
 Parameters of read point j < L: ``norm_weight`` [nD], ``phi_pre``/``phi_post`` [n, nD], ``phi_res``
-[n^2, nD] (mHC-lite: [n!, nD]), ``b_pre``/``b_post`` [n], ``b_res`` [n, n] (mHC-lite: [n!]),
+[n^2, nD] (mHC-lite: [n!, nD]), ``b_pre``/``b_post`` [n], ``b_res`` [n * n] row-major (mHC-lite: [n!]; 1-D,
+so not weight-decayed toward 0),
 ``alpha_pre``/``alpha_post``/``alpha_res`` [1], fp32. ``write`` recomputes the coefficients from the same
 H as its ``read``. State ``(H,)``, ``[n, ..., D]``; one layout in every mode; output norm(sum of streams).
 """
@@ -77,7 +78,7 @@ class ManifoldParams(ResidualParams):
         if h_res != "identity":
             rows = n * n if h_res == "sinkhorn" else math.factorial(n)
             self.phi_res = nn.Parameter(torch.zeros(rows, nd))
-            self.b_res = nn.Parameter(torch.zeros(n, n) if h_res == "sinkhorn" else torch.zeros(rows))
+            self.b_res = nn.Parameter(torch.zeros(rows))
             self.alpha_res = nn.Parameter(torch.zeros(1))
         self.reset_parameters()
 
@@ -97,7 +98,7 @@ class ManifoldParams(ResidualParams):
         nn.init.constant_(self.alpha_res, 0.01)
         if self.h_res == "sinkhorn":
             eye = torch.eye(n)
-            init_copy_(self.b_res, eye * 8.0 - (1 - eye) * 8.0 if tb else -(1 - eye) * 8.0)
+            init_copy_(self.b_res, (eye * 8.0 - (1 - eye) * 8.0 if tb else -(1 - eye) * 8.0).flatten())
         else:  # birkhoff: 0 for the identity permutation, -8 for the others
             init_copy_(self.b_res, torch.cat([torch.zeros(1), torch.full((self.b_res.shape[0] - 1,), -8.0)]))
 
@@ -152,7 +153,7 @@ class ManifoldHyperConnections(ResidualScheme):
             return h, post, None
         logits = p.alpha_res.to(ct) * F.linear(x, p.phi_res.to(ct))
         if self.h_res == "sinkhorn":
-            logits = logits.unflatten(-1, (self.streams, self.streams)) + p.b_res.to(ct)
+            logits = (logits + p.b_res.to(ct)).unflatten(-1, (self.streams, self.streams))
             return h, post, sinkhorn(logits / (TB_TAU if self.init == "tb" else 1.0), self.iters)
         a = torch.softmax(logits + p.b_res.to(ct), dim=-1)  # [..., n!]
         return h, post, torch.einsum("...r,rts->...ts", a, permutation_matrices(self.streams).to(a))

@@ -134,8 +134,8 @@ def ref_hc(n, free=True):
             new = []
             for s in range(n):
                 if free:
-                    mixed = sum((p.scale_alpha * torch.tanh(hbar[t] @ p.w_res[s]) + p.static_res[t, s]).unsqueeze(-1)
-                                * H[t] for t in range(n))
+                    a_r = [p.scale_alpha * torch.tanh(hbar[t] @ p.w_res[s]) + p.static_res[t * n + s] for t in range(n)]
+                    mixed = sum(a_r[t].unsqueeze(-1) * H[t] for t in range(n))
                 else:
                     mixed = H[s]
                 new.append(mixed + b[s].unsqueeze(-1) * out)
@@ -162,8 +162,8 @@ def ref_mhc(n, h_res, tau=1.0, iters=20):
             if h_res == "identity":
                 res = [[torch.full_like(pre[0], float(t == s)) for s in range(n)] for t in range(n)]
             elif h_res == "sinkhorn":
-                m = [[torch.exp((p.alpha_res * (xv @ p.phi_res[t * n + s]) + p.b_res[t, s]) / tau) for s in range(n)]
-                     for t in range(n)]
+                m = [[torch.exp((p.alpha_res * (xv @ p.phi_res[t * n + s]) + p.b_res[t * n + s]) / tau)
+                      for s in range(n)] for t in range(n)]
                 for _ in range(iters):
                     col = [sum(m[t][s] for t in range(n)) for s in range(n)]
                     m = [[m[t][s] / col[s] for s in range(n)] for t in range(n)]
