@@ -7,9 +7,10 @@ the model in place (its parameters become ``DTensor`` shards) and returns it.
 FSDP2 groups: each decoder layer, then the root (embeddings, final norm, head). With ``bf16`` the
 layers and root get a bf16 :class:`MixedPrecisionPolicy` (bf16 compute and all-gathers, fp32 gradient
 reduction; the layers take their inputs as they come, bf16 from the embedding), and every AttnRes
-:class:`~attnres.residual.DepthQuery` first gets a group of its own with an fp32 policy that leaves its
-inputs alone (``cast_forward_inputs=False``), so the pseudo-queries, their gradients and the
-depth-softmax math stay fp32 (DISTRIBUTED.md §2).
+:class:`~attnres.residual.DepthQuery` (called as a module by every read, so its hooks fire; the zoo
+schemes' parameter modules are read directly and stay in their layer's group) first gets a group of
+its own with an fp32 policy that leaves its inputs alone (``cast_forward_inputs=False``), so the
+pseudo-queries, their gradients and the depth-softmax math stay fp32 (DISTRIBUTED.md §2).
 """
 
 from __future__ import annotations

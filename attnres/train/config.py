@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-RESIDUALS = __import__("attnres.residual.registry", fromlist=["RESIDUALS"]).RESIDUALS  # the registry's, in order
+from ..residual.registry import RESIDUALS  # the registry's names, in order
+
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "wsd")
 TOKENIZERS = ("bpe", "byte")

@@ -18,15 +18,22 @@ from torch import nn
 from .config import TrainConfig
 
 ATTNRES_PARAMS = ("pseudo_query", "key_norm_weight")  # DepthQuery's parameter names
+READ_POINTS = ("attn_res", "mlp_res", "output_res")  # where every scheme's read/write parameters live
+
+
+def is_residual_param(name: str) -> bool:
+    """A residual scheme's parameter (a DepthQuery, DenseFormer's DWA weights, HC's matrices, ...)."""
+    return any(part in READ_POINTS for part in name.split(".")[:-1])
 
 
 def is_no_decay(name: str, param: torch.Tensor) -> bool:
-    """AttnRes parameters and 1-D parameters (norm gains, biases) are not weight-decayed."""
-    return param.ndim < 2 or name.rsplit(".", 1)[-1] in ATTNRES_PARAMS
+    """Residual-scheme parameters and 1-D parameters (norm gains, biases) are not weight-decayed: decay
+    would pull a scheme's identity-initialised weights toward 0, not toward its init."""
+    return param.ndim < 2 or is_residual_param(name)
 
 
 def is_muon_param(name: str, param: torch.Tensor) -> bool:
-    """2-D hidden weights: not the embedding, not the LM head, not AttnRes parameters."""
+    """2-D hidden weights: not the embedding, not the LM head, not residual-scheme parameters."""
     return (
         param.ndim == 2
         and not is_no_decay(name, param)

@@ -93,3 +93,16 @@ def test_scheduler_sets_the_optimizer_lr_each_step():
         assert all(g["lr"] == pytest.approx(2e-3 * f(k)) for g in opts[0].param_groups)
         opts[0].step()
         scheds[0].step()
+
+
+@pytest.mark.parametrize("residual", ["hc", "depth_mha", "denseformer"])
+def test_every_residual_scheme_parameter_is_neither_decayed_nor_muon(residual):
+    cfg, standard = tiny_model("standard", optimizer="muon", weight_decay=0.1)
+    model = AttnResForCausalLM(type(standard.config)(**{**standard.config.to_dict(), "residual": residual}))
+    groups = param_groups(model, cfg)
+    decayed = {id(p) for g in groups["adamw"] if g["weight_decay"] > 0 for p in g["params"]}
+    muon = {id(p) for g in groups["muon"] for p in g["params"]}
+    scheme = [(n, p) for n, p in model.named_parameters() if any(r in n for r in ("_res.", "output_res."))]
+    assert scheme and (residual == "denseformer" or any(p.ndim == 2 for _, p in scheme))  # 2-D matrices too
+    for n, p in scheme:
+        assert id(p) not in decayed and id(p) not in muon, n
