@@ -44,6 +44,7 @@ from ..train.checkpoint import (
     quiet_hf,
     set_rng_state,
 )
+from ..train.trainer import runs_part
 from .world import World
 
 __all__ = ["export_pretrained", "is_sharded", "load_optimizer_states", "load_sharded", "load_sharded_model",
@@ -64,10 +65,9 @@ def save_sharded(out: Path, state, tokenizer, trainer_state: dict[str, Any], tra
     """Every rank: write ``state``'s model and optimizers into ``OUT/checkpoint`` atomically (module
     docstring). ``trainer_state`` is rank 0's (its ``optimizers`` entry, if any, is not written)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
 
     tmp = world.on_main(fresh_tmp, out)
-    model_sd, optim_sd = get_state_dict(state.model, state.optimizers)
+    model_sd, optim_sd = state_dicts(state)
     try:
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / SHARDED_DIR)
     except dcp.CheckpointException as e:  # raised alike on every rank (a full disk, a permission)
@@ -99,13 +99,42 @@ def load_sharded(state, ckpt: Path) -> None:
     any number of processes, one included). A parameter that never had a gradient has no optimizer
     state in the checkpoint: that is allowed (DISTRIBUTED.md §2); a missing weight is not."""
     from torch.distributed.checkpoint import DefaultLoadPlanner
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    model_sd, optim_sd = get_state_dict(state.model, state.optimizers)
+    model_sd, optim_sd = state_dicts(state)
     _check_weights_present(ckpt, model_sd, state.model.config)
     sd = {"model": model_sd, "optim": optim_sd}
     _dcp_load(sd, ckpt, planner=DefaultLoadPlanner(allow_partial_load=True))
-    set_state_dict(state.model, state.optimizers, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    set_state_dicts(state, sd["model"], sd["optim"])
+
+
+def state_dicts(state) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``state``'s model and optimizer state dicts as this rank saves and loads them, keyed by parameter
+    name: the whole model's (one process, DDP replicas, FSDP2 shards); under a pipeline
+    (``state.wrapped.runs_part``) only the entries of this rank's parameters, with the optimizer states
+    flattened per parameter (``param_groups.NAME.lr``: the ranks' param groups differ, so nested lists
+    would collide in DCP's files)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(state.model, state.optimizers, options=_options(state))
+    if runs_part(state.wrapped):
+        others = {n for n, _ in state.model.named_parameters()} - {n for n, _ in state.wrapped.named_parameters()}
+        model_sd = {k: v for k, v in model_sd.items() if k not in others}
+    return model_sd, optim_sd
+
+
+def set_state_dicts(state, model_sd: dict[str, Any], optim_sd: dict[str, Any]) -> None:
+    """Load what :func:`state_dicts` gave (filled from a checkpoint) into ``state``."""
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    set_state_dict(state.model, state.optimizers, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                   options=_options(state))
+
+
+def _options(state):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    part = runs_part(state.wrapped)
+    return StateDictOptions(flatten_optimizer_state_dict=part, strict=not part)
 
 
 def _dcp_load(sd: dict[str, Any], ckpt: Path, alone: bool | None = None, **kwargs) -> None:

@@ -40,25 +40,39 @@ def evaluate(
     bf16: bool = False,
     device: str = "cpu",
 ) -> dict[str, float]:
-    """``{"loss", "ppl", "bpb", "tokens"}`` over ``eval_windows(tokens, seq_len, batch_size, max_batches)``.
+    """``{"loss", "ppl", "bpb", "tokens"}`` of ``model`` over ``eval_windows(tokens, seq_len, batch_size,
+    max_batches)`` (:func:`evaluate_loss`), in eval mode.
 
     ``tokens`` counts predicted tokens (each window of T tokens predicts T - 1 of them).
     """
-    from ..data import eval_windows
+
+    def loss_of(window: torch.Tensor) -> torch.Tensor:
+        with autocast(device, bf16):
+            return model(window, labels=window, use_cache=False).loss
 
     was_training = model.training
     model.eval()
-    total, n = 0.0, 0
     try:
-        for window in eval_windows(tokens, seq_len, batch_size, max_batches=max_batches or None):
-            window = window.to(device)
-            with autocast(device, bf16):
-                loss = model(window, labels=window, use_cache=False).loss
-            count = window[:, 1:].numel()
-            total += loss.item() * count
-            n += count
+        return evaluate_loss(loss_of, tokens, seq_len, batch_size, split_bytes=split_bytes,
+                             max_batches=max_batches, device=device)
     finally:
         model.train(was_training)
+
+
+@torch.no_grad()
+def evaluate_loss(loss_of, tokens, seq_len: int, batch_size: int, *, split_bytes: int,
+                  max_batches: int | None = None, device: str = "cpu") -> dict[str, float]:
+    """:func:`evaluate` with the forward given: ``loss_of(window)`` is the mean next-token loss of one
+    batch of windows (on ``device``), a tensor read once per batch."""
+    from ..data import eval_windows
+
+    total, n = 0.0, 0
+    for window in eval_windows(tokens, seq_len, batch_size, max_batches=max_batches or None):
+        window = window.to(device)
+        loss = loss_of(window)
+        count = window[:, 1:].numel()
+        total += loss.item() * count
+        n += count
     if n == 0:
         raise ValueError(
             f"no evaluation windows: {len(tokens)} tokens are fewer than one sequence of {seq_len}"

@@ -158,7 +158,9 @@ def train(
     process group starts, then each process joins the job, the model is wrapped with
     :func:`attnres.distributed.parallelize` (DDP or FSDP2) unless ``wrap`` is given, each rank trains
     on its rows of every global batch, checkpoints are sharded (:mod:`attnres.distributed.checkpoint`),
-    and rank 0 alone writes the run's files and shows progress; every rank returns the summary.
+    and rank 0 alone writes the run's files and shows progress; every rank returns the summary. With
+    ``pipeline_stages`` = the job's size, each rank keeps its pipeline stages instead and the loop is
+    :class:`attnres.distributed.pipeline.trainer.PipelineTrainer`'s (whole batches, one pipeline).
     """
     from ..distributed.world import env_world, init_distributed
 
@@ -182,12 +184,12 @@ def _train(world, cfg, out: Path, resume: bool, progress: bool, overwrite: bool,
         data = _prepare(cfg, progress, world)
     _check_splits(cfg, data)
     created = world.on_main(_make_dir, out)
+    trainer = Trainer
     if wrap is None and world.distributed:
-        from ..distributed.data_parallel import parallelize
-
-        wrap = functools.partial(parallelize, plan=plan, world=world, device=cfg.device, bf16=cfg.bf16)
+        wrap, trainer = _parallel(cfg, plan, world)
     try:
-        return _run(cfg, out, data, ckpt, saved, progress, label or f"{cfg.residual}-s{cfg.seed}", wrap, world)
+        return _run(cfg, out, data, ckpt, saved, progress, label or f"{cfg.residual}-s{cfg.seed}", wrap, world,
+                    trainer)
     except BaseException as e:
         if world.is_main and saved is None and not isinstance(e, TrainingInterrupted):
             discard_partial_run(out, created)
@@ -200,8 +202,22 @@ def _check_plan(cfg: TrainConfig, world_size: int):
 
     plan = ParallelPlan.from_config(cfg, world_size).check(cfg)
     if plan.pipeline_stages > 1:
-        raise ConfigError("pipeline training through `attnres train` is not wired yet; use pipeline_stages=1")
+        from ..distributed.pipeline.trainer import check_trainable
+
+        check_trainable(plan, cfg)
     return plan
+
+
+def _parallel(cfg: TrainConfig, plan, world):
+    """``(wrap, trainer class)`` of a job of several processes: pipeline stages, or data parallel (DDP or
+    FSDP2) with the plain :class:`Trainer`."""
+    if plan.pipeline_stages > 1:
+        from ..distributed.pipeline.trainer import PipelineTrainer, wrap_pipeline
+
+        return functools.partial(wrap_pipeline, plan=plan, cfg=cfg), PipelineTrainer
+    from ..distributed.data_parallel import parallelize
+
+    return functools.partial(parallelize, plan=plan, world=world, device=cfg.device, bf16=cfg.bf16), Trainer
 
 
 def _make_dir(out: Path) -> bool:
@@ -249,7 +265,8 @@ def _check_splits(cfg: TrainConfig, data) -> None:
             )
 
 
-def _run(cfg, out: Path, data, ckpt, saved, progress: bool, label: str, wrap, world) -> dict[str, Any]:
+def _run(cfg, out: Path, data, ckpt, saved, progress: bool, label: str, wrap, world,
+         trainer=Trainer) -> dict[str, Any]:
     """Build or restore, record the run, train to ``max_steps``, summarize (files: rank 0's)."""
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
@@ -263,7 +280,7 @@ def _run(cfg, out: Path, data, ckpt, saved, progress: bool, label: str, wrap, wo
                       data=data)
         with Progress(progress and world.is_main, cfg.max_steps, state.step, label) as bar:
             saver = _saver(out, data.tokenizer, cfg, world)
-            Trainer(cfg, state, data, metrics=metrics, progress=bar, saver=saver, saved_step=resumed_at,
+            trainer(cfg, state, data, metrics=metrics, progress=bar, saver=saver, saved_step=resumed_at,
                     world=world).run()
     return world.on_main(_summarize, cfg, out, params)
 

@@ -77,7 +77,10 @@ class TrainState:
     """What a step changes and a checkpoint restores."""
 
     model: nn.Module  # the HF model: saved, evaluated and probed; the optimizers hold its parameters
-    wrapped: nn.Module  # what the step runs: wrap(model), or model itself when nothing wraps it
+    # what the step runs: wrap(model), or model itself when nothing wraps it. A wrapper that runs only this
+    # process's part of the model (a pipeline's stages) says so with ``runs_part = True``; its
+    # ``named_parameters()`` (the model's names) are then what the optimizers hold and this rank saves
+    wrapped: nn.Module
     optimizers: list[torch.optim.Optimizer]
     schedulers: list[torch.optim.lr_scheduler.LRScheduler]
     step: int = 0  # optimizer steps taken
@@ -142,11 +145,16 @@ def build_or_restore(
     model = build_model(cfg, vocab, None if ckpt is None or is_sharded(ckpt) else ckpt)
     model.to(cfg.device).train()
     wrapped = model if wrap is None else wrap(model)
-    opts = build_optimizers(model, cfg)
+    opts = build_optimizers(wrapped if runs_part(wrapped) else model, cfg)
     state = TrainState(model, wrapped, opts, build_schedulers(opts, cfg))
     if saved is not None:
         restore(state, ckpt, saved)
     return state
+
+
+def runs_part(wrapped) -> bool:
+    """Whether ``wrapped`` runs only this process's part of the model (:class:`TrainState`)."""
+    return getattr(wrapped, "runs_part", False)
 
 
 # ----------------------------------------------------------------------------- one step
@@ -254,7 +262,9 @@ class Trainer:
     processes every rank runs this same loop on its contiguous rows of each global micro-batch; the
     step's loss is the mean over ranks (the global batch's), and the finiteness checks and a stop
     on SIGINT/SIGTERM are agreed by all ranks, so they all stop at the same step. Which rank logs is
-    the driver's choice (``metrics`` and ``progress``).
+    the driver's choice (``metrics`` and ``progress``). A driver with another schedule (pipeline
+    stages: :class:`attnres.distributed.pipeline.trainer.PipelineTrainer`) overrides
+    :meth:`micro_batches`, :meth:`forward_backward` and :meth:`validation`.
     """
 
     def __init__(
@@ -351,16 +361,7 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         """Validation loss, perplexity and bits per byte (and the probes, when on) at this step."""
         cfg, step = self.cfg, self.state.step
-        ev = evaluate(
-            self.state.model,
-            self.data.val,
-            cfg.seq_len,
-            cfg.batch_size,
-            split_bytes=self.data.val_bytes,
-            max_batches=cfg.eval_batches,
-            bf16=cfg.bf16,
-            device=cfg.device,
-        )
+        ev = self.validation()
         row = {"step": step, "val_loss": ev["loss"], "ppl": ev["ppl"], "bpb": ev["bpb"], "val_tokens": ev["tokens"]}
         self.log(row)
         self.progress.log(
@@ -369,6 +370,13 @@ class Trainer:
         if self.probes_on:
             self.probe()
         return row
+
+    def validation(self) -> dict[str, float]:
+        """:func:`~.evaluate.evaluate` of the model on the validation split (``eval_batches`` windows);
+        a driver with another forward (pipeline stages) overrides this."""
+        cfg = self.cfg
+        return evaluate(self.state.model, self.data.val, cfg.seq_len, cfg.batch_size, split_bytes=self.data.val_bytes,
+                        max_batches=cfg.eval_batches, bf16=cfg.bf16, device=cfg.device)
 
     def probe(self) -> None:
         """A probes row (:func:`attnres.analysis.collect_probes` on one validation batch)."""

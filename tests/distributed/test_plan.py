@@ -53,7 +53,7 @@ def _error(capsys, corpus, tmp_path, *sets: str) -> str:
                               "ranks; use a multiple of 2"),
         (3, ["pipeline_stages=2"], "the job has 3 process(es) (torchrun --nnodes x --nproc_per_node), not a "
                                    "multiple of pipeline_stages=2"),
-        (2, ["pipeline_stages=2"], "pipeline"),
+        (4, ["pipeline_stages=2"], "would be 2 data-parallel pipelines, which `attnres train` does not support yet"),
         (1, ["parallel=fsdp", "optimizer=muon"], "parallel=fsdp with optimizer=muon: Muon orthogonalises whole"),
         (1, ["parallel=zero"], "parallel must be one of ddp, fsdp; got 'zero'"),
         (1, ["pipeline_schedule=1f1b"], "pipeline_schedule must be one of GPipe, 1F1B,"),

@@ -5,6 +5,8 @@
 - :mod:`.store` / :mod:`.stage`: the rank-local store of completed blocks and the torch stage around it.
 - :mod:`.runtime`: :func:`check_plan`, :func:`build_pipeline` and the :class:`Pipeline` driver
   (``step(input_ids, labels)``, ``eval_loss(input_ids, labels)``).
+- :mod:`.trainer`: ``attnres train`` through the stages: :class:`~.trainer.PipelineTrainer` (the trainer's
+  loop with the pipeline's step, gradient norm and evaluation) and its one-line refusals (``check_trainable``).
 """
 
 from .layout import Hop, Layout, even_split, paper_cached, paper_naive, placement

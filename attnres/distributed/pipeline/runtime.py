@@ -129,6 +129,8 @@ class _Runtime:
 class Pipeline:
     """This rank's stages of a pipeline over ``model`` (see :func:`build_pipeline`)."""
 
+    runs_part = True  # for the trainer: this rank runs, updates and saves only its stages' parameters
+
     def __init__(self, model: nn.Module, plan: ParallelPlan, layout: Layout, rank: int, group=None):
         self.plan, self.layout, self.rank, self.group = plan, layout, rank, group
         self.store = RankStore(layout, rank)
@@ -189,7 +191,9 @@ class Pipeline:
         return self._share_loss(losses)
 
     def _share_loss(self, losses: list[Tensor]) -> Tensor:
-        loss = torch.stack(losses).mean().detach().double() if losses else torch.zeros((), dtype=torch.float64)
+        # on the stages' device on every rank: a CPU tensor would go over gloo where the last rank's goes over NCCL
+        mean = torch.stack(losses).mean() if losses else torch.zeros((), device=self.device)
+        loss = mean.detach().double()
         src = self.layout.ranks[-1]
         if self.group is not None:
             src = dist.get_global_rank(self.group, src)
