@@ -65,8 +65,7 @@ class PipelineTrainer(Trainer):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         if self.probes_on:
-            self.progress.log("probes off: they need the whole model in one process, and each pipeline rank "
-                              "runs only its stages")
+            self.progress.log("probes off: a pipeline rank holds only its stages' part of the model")
             self.probes_on = False
 
     @property
