@@ -91,7 +91,7 @@ def _progress(args) -> bool:
 def _train_config(args, resume_out: Path | None):
     """The run's config: preset < --config < --set < dedicated flags. With --resume and neither
     --preset nor --config, the checkpoint's own config is the base."""
-    from .train.config import coerce, load_config, parse_set
+    from .train.config import check_scheme_keys, coerce, load_config, parse_set
     from .train.loop import saved_config
 
     overrides = parse_set(args.set)
@@ -100,8 +100,9 @@ def _train_config(args, resume_out: Path | None):
         if value is not None:
             overrides[key] = value
     if resume_out is not None and args.preset is None and args.config is None:
-        cfg = saved_config(resume_out)
-        return replace(cfg, **{k: coerce(k, v) for k, v in overrides.items()}).validate()
+        cfg = replace(saved_config(resume_out), **{k: coerce(k, v) for k, v in overrides.items()})
+        check_scheme_keys(cfg, overrides)
+        return cfg.validate()
     return load_config(args.preset, args.config, overrides)
 
 

@@ -6,15 +6,19 @@ Precedence (later wins): the dataclass defaults < the preset < a YAML file < ``-
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields, replace
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, fields, make_dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..residual.registry import RESIDUALS  # the registry's names, in order
+from ..models.configuration import AttnResConfig
+from ..residual.keys import Key
+from ..residual.registry import REGISTRY, RESIDUALS, SCHEMES, all_keys  # the registry's names, in order
 
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "wsd")
@@ -47,23 +51,72 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:,.1f} GB"
 
 
-@dataclass
-class TrainConfig:
-    """One training run. Units: ``*_steps`` count optimizer steps; ``batch_size`` and ``seq_len`` are
-    per micro-batch, so a step sees ``batch_size * seq_len * grad_accum`` tokens."""
+# --- the model's keys: AttnResConfig's signature (decoder-wide keys) plus every scheme's keys (the registry),
+# flat, so run.json / trainer_state of older versions (which declared a subset of them flat) still load and
+# ``--set key=value`` / YAML keep one namespace. Derived, not re-declared: a key added to AttnResConfig or to
+# a scheme is a TrainConfig key with the same name, default and type.
+_NOT_MODEL_KEYS = {
+    "vocab_size",  # TrainConfig's vocab_size is the BPE target; the model's is the tokenizer's length
+    "use_cache",  # always True (generation after training)
+}
+# where the trainer's default differs from AttnResConfig's
+_MODEL_DEFAULTS: dict[str, Any] = {
+    "num_key_value_heads": 4,
+    "max_position_embeddings": None,  # None: max(2048, seq_len)
+}
+_MODEL_TYPES: dict[str, Any] = {"num_key_value_heads": int, "max_position_embeddings": int | None}
 
-    # --- model (AttnResConfig keys; the model's vocab_size is the tokenizer's length)
-    residual: str = "block"
-    hidden_size: int = 256
-    num_hidden_layers: int = 8
-    num_attention_heads: int = 8
-    num_key_value_heads: int = 4
-    intermediate_size: int = 704
-    rms_norm_eps: float = 1e-6
-    tie_word_embeddings: bool = False
-    attn_res_block_size: int | None = None  # sublayers per block (S); None: from attn_res_num_blocks
-    attn_res_num_blocks: int = 8  # the paper's N
-    attn_res_final_aggregation: bool = True
+
+def _model_fields() -> list[tuple[str, Any, Any]]:
+    sig = inspect.signature(AttnResConfig.__init__)
+    hints = typing.get_type_hints(AttnResConfig.__init__)
+    out = []
+    for name, p in sig.parameters.items():
+        if name == "self" or p.kind is not p.POSITIONAL_OR_KEYWORD or name in _NOT_MODEL_KEYS:
+            continue
+        default = _MODEL_DEFAULTS.get(name, p.default)
+        out.append((name, _MODEL_TYPES.get(name, hints[name]), field(default=default)))
+    return out
+
+
+_KIND_TYPES = {"int": int, "float": float, "bool": bool, "choice": str}
+
+
+def _scheme_fields() -> list[tuple[str, Any, Any]]:
+    """One field per scheme key (a key shared by several schemes, e.g. ``hyper_streams``, is one field; its
+    owners agree on the default and kind)."""
+    keys: dict[str, Key] = {}
+    for e in SCHEMES:
+        for k in e.keys:
+            if k.name in keys and (keys[k.name].default, keys[k.name].kind) != (k.default, k.kind):
+                raise TypeError(f"scheme key {k.name!r}: its schemes disagree on the default or kind")
+            keys.setdefault(k.name, k)
+    out = []
+    for k in keys.values():
+        tp = _KIND_TYPES[k.kind]
+        out.append((k.name, tp | None if k.optional else tp, field(default=k.default)))
+    return out
+
+
+MODEL_KEYS: tuple[str, ...] = tuple(name for name, _, _ in _model_fields())  # AttnResConfig's, in its order
+SCHEME_KEYS: dict[str, list[str]] = all_keys()  # scheme key -> the schemes that own it
+_ModelKeys = make_dataclass("_ModelKeys", _model_fields() + _scheme_fields())
+_ModelKeys.__doc__ = "The model's keys of :class:`TrainConfig` (AttnResConfig's and every scheme's)."
+
+
+@dataclass
+class TrainConfig(_ModelKeys):
+    """One training run. Units: ``*_steps`` count optimizer steps; ``batch_size`` and ``seq_len`` are
+    per micro-batch, so a step sees ``batch_size * seq_len * grad_accum`` tokens.
+
+    The model's keys come first: every :class:`AttnResConfig` argument (``hidden_size``, ``rope_theta``,
+    ``attn_res_block_layers``, ...; :data:`MODEL_KEYS`) and every residual scheme's keys
+    (``attn_res_window``, ``hyper_streams``, ...; :data:`SCHEME_KEYS`), with AttnResConfig's / the registry's
+    defaults except ``num_key_value_heads`` (4) and ``max_position_embeddings`` (None: max(2048, seq_len)).
+    The model is built with the keys of the chosen ``residual`` only; :func:`load_config` refuses a
+    non-default key of a scheme that is not chosen (compare: not one of its arms), since a compare's arms
+    share one config."""
+
     # --- data (attnres.data.prepare_data)
     sources: list[str] = field(default_factory=lambda: ["shakespeare"])
     tokenizer: str = "bpe"
@@ -147,14 +200,23 @@ class TrainConfig:
             "lr",
             "rms_norm_eps",
             "probe_batch_size",
+            "rope_theta",
+            "initializer_range",
         ):
             positive(name)
         for name in ("warmup_steps", "weight_decay", "grad_clip", "eps", "split_seed"):
             positive(name, allow_zero=True)
         if self.eval_batches is not None:
             positive("eval_batches", allow_zero=True)
-        if self.attn_res_block_size is not None:
-            positive("attn_res_block_size")
+        for name in ("attn_res_block_size", "attn_res_block_layers", "max_position_embeddings"):
+            if getattr(self, name) is not None:
+                positive(name)
+        if self.max_position_embeddings is not None and self.seq_len > self.max_position_embeddings:
+            raise ConfigError(
+                f"seq_len ({self.seq_len}) must be <= max_position_embeddings ({self.max_position_embeddings})"
+            )
+        for name in SCHEME_KEYS:  # every scheme's keys, chosen or not (the chosen one's again with the model)
+            check_scheme_value(name, getattr(self, name))
         if self.num_threads is not None:
             positive("num_threads")
         if not 0 < self.val_fraction < 1:
@@ -241,27 +303,22 @@ class TrainConfig:
                 f"lower seq_len or batch_size"
             )
 
-    def model_config(self, vocab_size: int | None = None):
-        """The :class:`AttnResConfig` of this run (``vocab_size``: the tokenizer's length)."""
-        from ..models import AttnResConfig
-
+    def model_config(self, vocab_size: int | None = None, residual: str | None = None) -> AttnResConfig:
+        """The :class:`AttnResConfig` of this run (``vocab_size``: the tokenizer's length; ``residual``: another
+        scheme than ``self.residual``, as a compare arm). Every AttnResConfig key, and the keys of the chosen
+        scheme only; ``attn_res_block_size`` / ``attn_res_block_layers`` only for ``block`` (Full is S=1,
+        the other schemes have no blocks), so the arms of a compare share them."""
+        residual = residual or self.residual
+        kw = {name: getattr(self, name) for name in MODEL_KEYS}
+        kw["residual"] = residual
+        if kw["max_position_embeddings"] is None:
+            kw["max_position_embeddings"] = max(2048, self.seq_len)
+        if residual != "block":
+            kw["attn_res_block_size"] = kw["attn_res_block_layers"] = None
+        if residual in REGISTRY:
+            kw.update({k.name: getattr(self, k.name) for k in REGISTRY[residual].keys})
         try:
-            return AttnResConfig(
-                residual=self.residual,
-                vocab_size=vocab_size or self.vocab_size,
-                hidden_size=self.hidden_size,
-                num_hidden_layers=self.num_hidden_layers,
-                num_attention_heads=self.num_attention_heads,
-                num_key_value_heads=self.num_key_value_heads,
-                intermediate_size=self.intermediate_size,
-                rms_norm_eps=self.rms_norm_eps,
-                max_position_embeddings=max(2048, self.seq_len),
-                tie_word_embeddings=self.tie_word_embeddings,
-                attn_res_block_size=self.attn_res_block_size if self.residual == "block" else None,
-                attn_res_num_blocks=self.attn_res_num_blocks,
-                attn_res_final_aggregation=self.attn_res_final_aggregation,
-                use_cache=True,
-            )
+            return AttnResConfig(vocab_size=vocab_size or self.vocab_size, use_cache=True, **kw)
         except ValueError as e:
             raise ConfigError(f"invalid model config: {e}") from None
 
@@ -381,9 +438,49 @@ def _scalar(key: str, tp, value: Any):
     raise TypeError(f"unsupported config type {tp} for {key}")
 
 
+def check_scheme_value(name: str, value: Any) -> Any:
+    """``value`` if one of the schemes owning key ``name`` accepts it (their bounds may differ, e.g.
+    ``hyper_streams`` <= 5 for mhc_lite only); else a one-line :class:`ConfigError` (the first owner's)."""
+    errors = []
+    for residual in SCHEME_KEYS[name]:
+        key = next(k for k in REGISTRY[residual].keys if k.name == name)
+        try:
+            return key.validate(value)
+        except ValueError as e:
+            errors.append(str(e))
+    raise ConfigError(f"{errors[0]} ({name} is a key of residual={'/'.join(SCHEME_KEYS[name])})")
+
+
+def check_scheme_keys(cfg: TrainConfig, keys: Iterable[str], residuals: Iterable[str] | None = None) -> None:
+    """Refuse, in one line, a scheme key among ``keys`` (what the user set) that no scheme of ``residuals``
+    (default: ``cfg.residual``; compare: its arms) owns, unless it is at its default."""
+    residuals = tuple(residuals or (cfg.residual,))
+    for name in keys:
+        owners = SCHEME_KEYS.get(name)
+        if owners is None or set(owners) & set(residuals):
+            continue
+        value = getattr(cfg, name)
+        if value == next(k.default for k in REGISTRY[owners[0]].keys if k.name == name):
+            continue
+        takes = sorted({k.name for r in residuals if r in REGISTRY for k in REGISTRY[r].keys})
+        which = f"residual={residuals[0]!r}" if len(residuals) == 1 else f"the arms {', '.join(residuals)}"
+        raise ConfigError(
+            f"{name}={value!r} is a key of residual={'/'.join(owners)}, not of {which} "
+            f"({'it takes' if len(residuals) == 1 else 'they take'}: {', '.join(takes) or 'no scheme keys'})"
+        )
+
+
 def coerce(key: str, value: Any) -> Any:
-    """Convert ``value`` (a YAML value or a ``--set`` string) to the type of field ``key``."""
+    """Convert ``value`` (a YAML value or a ``--set`` string) to the type of field ``key``; a scheme key's
+    value is also checked against its scheme (one line)."""
     _unknown([key], "the config")
+    out = _coerce(key, value)
+    if key in SCHEME_KEYS:
+        check_scheme_value(key, out)
+    return out
+
+
+def _coerce(key: str, value: Any) -> Any:
     tp, optional = _strip_optional(_TYPES[key])
     if value is None or (
         optional and isinstance(value, str) and value.strip().lower() in ("none", "null", "")
@@ -439,10 +536,13 @@ def load_config(
     preset: str | None = "default",
     config_file: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
+    residuals: Iterable[str] | None = None,
 ) -> TrainConfig:
     """Build a validated :class:`TrainConfig`: preset, then YAML file, then ``overrides``.
 
-    A YAML file may name its own ``preset:``, used when ``preset`` is None.
+    A YAML file may name its own ``preset:``, used when ``preset`` is None. A scheme key set by the file
+    or ``overrides`` must belong to ``residual`` (or to one of ``residuals``: a compare's arms) unless it
+    is at its default (:func:`check_scheme_keys`).
     """
     file_values: dict[str, Any] = {}
     if config_file is not None:
@@ -458,6 +558,7 @@ def load_config(
     _unknown(overrides, "the overrides")
     cfg = replace(TrainConfig(), **{**PRESETS[preset], **file_values})
     cfg = replace(cfg, **{k: coerce(k, v) for k, v in overrides.items()})
+    check_scheme_keys(cfg, [*PRESETS[preset], *file_values, *overrides], residuals)
     return cfg.validate()
 
 
@@ -473,11 +574,14 @@ def config_diff(a: TrainConfig, b: TrainConfig) -> dict[str, tuple[Any, Any]]:
 
 
 __all__ = [
+    "MODEL_KEYS",
     "PRESETS",
+    "SCHEME_KEYS",
     "ConfigError",
     "TrainConfig",
     "UserError",
     "allowed_keys",
+    "check_scheme_keys",
     "coerce",
     "config_diff",
     "config_from_dict",

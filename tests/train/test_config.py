@@ -167,3 +167,144 @@ def test_user_errors_are_value_errors():
     from attnres.train.config import UserError
 
     assert issubclass(ConfigError, UserError) and issubclass(UserError, ValueError)
+
+
+# ----------------------------------------------------------------------------- the model's keys (issue 11)
+
+
+def test_every_model_and_scheme_key_is_a_config_key():
+    import inspect
+
+    from attnres.models import AttnResConfig
+    from attnres.residual.registry import all_keys
+
+    own = set(inspect.signature(AttnResConfig.__init__).parameters) - {"self", "kwargs", "vocab_size", "use_cache"}
+    assert own | set(all_keys()) <= set(allowed_keys())
+
+
+def test_set_rope_theta_and_block_layers_reach_the_model():
+    cfg = load_config("smoke", overrides=parse_set(["rope_theta=5e5", "attn_res_block_layers=2"]))
+    assert cfg.rope_theta == 5e5 and cfg.attn_res_block_layers == 2
+    mc = cfg.model_config(vocab_size=257)
+    assert mc.rope_theta == 5e5 and mc.attn_res_block_layers == 2 and mc.block_size == 4
+    assert cfg.to_dict()["rope_theta"] == 5e5  # recorded in run.json / trainer_state
+    # the other arms of a compare share the config: no blocks outside "block"
+    assert cfg.model_config(residual="full").block_size == 1
+    assert cfg.model_config(residual="standard").attn_res_block_layers is None
+
+
+@pytest.mark.parametrize(
+    "items, attr, value",
+    [
+        (["residual=block", "attn_res_window=3"], "attn_res_window", 3),
+        (["residual=hc", "hyper_streams=2"], "hyper_streams", 2),
+        (["residual=denseformer", "denseformer_granularity=sublayer"], "denseformer_granularity", "sublayer"),
+        (["residual=residual_scale", "residual_scale_init=0.5"], "residual_scale_init", 0.5),
+    ],
+)
+def test_a_scheme_key_reaches_the_model(items, attr, value):
+    cfg = load_config("smoke", overrides=parse_set(items))
+    assert getattr(cfg, attr) == value and getattr(cfg.model_config(), attr) == value
+
+
+def test_a_scheme_key_in_a_yaml_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("preset: smoke\nresidual: mhc\nhyper_streams: 3\nmhc_sinkhorn_iters: 5\n")
+    cfg = load_config(None, f)
+    assert (cfg.model_config().hyper_streams, cfg.model_config().mhc_sinkhorn_iters) == (3, 5)
+
+
+def _one_line(e) -> str:
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_unknown_key_is_one_line_naming_the_model_and_scheme_keys():
+    with pytest.raises(ConfigError) as e:
+        parse_set(["attn_res_windw=3"])
+    msg = _one_line(e)
+    assert "'attn_res_windw'" in msg and "attn_res_window" in msg and "rope_theta" in msg and "hyper_streams" in msg
+
+
+@pytest.mark.parametrize(
+    "items, match",
+    [
+        (["residual=standard", "attn_res_window=3"],
+         r"attn_res_window=3 is a key of residual=block/full, not of residual='standard'"),
+        (["residual=block", "hyper_streams=2"],
+         r"hyper_streams=2 is a key of residual=hc/mhc/mhc_lite, not of residual='block' \(it takes: attn_res_"),
+        (["residual=full", "attn_res_query=bogus"], r"attn_res_query must be one of 'static'"),
+        (["residual=mhc_lite", "hyper_streams=9"], r"hyper_streams must be an int >= 1 and <= 5, got 9"),
+        (["rope_theta=0"], r"rope_theta must be > 0"),
+        (["attn_res_block_layers=0"], r"attn_res_block_layers must be > 0"),
+        (["attn_res_block_layers=2", "attn_res_block_size=3"], r"contradicts attn_res_block_layers=2"),
+        (["max_position_embeddings=32"], r"seq_len \(64\) must be <= max_position_embeddings \(32\)"),
+    ],
+)
+def test_bad_scheme_and_model_keys_are_one_line_errors(items, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        load_config("smoke", overrides=parse_set(items))
+    _one_line(e)
+
+
+def test_another_schemes_key_at_its_default_is_accepted():
+    assert load_config("smoke", overrides=parse_set(["residual=standard", "hyper_streams=4"])).hyper_streams == 4
+
+
+# today's TrainConfig.to_dict(), as run.json and trainer_state hold it (before the model keys were derived)
+OLD_SAVED = {
+    "residual": "block", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "intermediate_size": 176, "rms_norm_eps": 1e-06, "tie_word_embeddings": False,
+    "attn_res_block_size": None, "attn_res_num_blocks": 2, "attn_res_final_aggregation": True,
+    "sources": ["shakespeare"], "tokenizer": "byte", "vocab_size": 8192, "data_dir": "/tmp/attnres-data",
+    "val_fraction": 0.05, "split_seed": 0, "optimizer": "adamw", "lr": 0.001, "weight_decay": 0.1,
+    "betas": [0.9, 0.95], "eps": 1e-08, "muon_momentum": 0.95, "warmup_steps": 6, "schedule": "cosine",
+    "decay_fraction": 0.2, "min_lr_ratio": 0.1, "grad_clip": 1.0, "grad_accum": 1, "batch_size": 8,
+    "seq_len": 64, "max_steps": 60, "eval_every": 20, "eval_batches": 4, "checkpoint_every": 30, "seed": 0,
+    "bf16": False, "activation_checkpointing": False, "probes": True, "probe_batch_size": 4, "device": "cpu",
+    "num_threads": 1, "parallel": "ddp", "pipeline_stages": 1, "pipeline_virtual": 1,
+    "pipeline_schedule": "1F1B", "pipeline_microbatches": 0, "pipeline_cache": True,
+}
+
+
+def test_an_old_saved_config_loads_and_resumes_unchanged():
+    from attnres.train.loop import check_resumable
+
+    old = config_from_dict(OLD_SAVED)
+    assert old.rope_theta == 10000.0 and old.attn_res_block_layers is None and old.attn_res_window is None
+    assert old.to_dict().items() >= {k: v for k, v in OLD_SAVED.items() if k != "betas"}.items()
+    # the model it builds is the one today's hand-mapping built
+    mc = old.model_config(vocab_size=257)
+    assert (mc.max_position_embeddings, mc.block_size, mc.rope_theta, mc.attn_res_two_phase) == (2048, 2, 1e4, True)
+    now = load_config("smoke", overrides={"data_dir": "/tmp/attnres-data", "sources": ["shakespeare"]})
+    check_resumable(old, now)  # the new keys at their defaults are no change
+    with pytest.raises(ConfigError, match="cannot resume with a different config: rope_theta"):
+        check_resumable(old, load_config("smoke", overrides={**OLD_SAVED, "rope_theta": 5e5}))
+
+
+def test_cli_records_model_keys_in_run_json_and_refuses_them_on_resume(tmp_path, tiny_yaml, capsys):
+    import json
+
+    from attnres.cli import main
+
+    out = tmp_path / "run"
+    path = tiny_yaml(max_steps=2, eval_every=2, checkpoint_every=2)
+    bad = ["train", "--config", str(path), "--out", str(out), "--no-progress"]
+    # a scheme key of another scheme, an unknown key: one line, exit 1, no run directory
+    for extra, match in (
+        (["--residual", "standard", "--set", "attn_res_window=3"], "attn_res_window=3 is a key of residual=block/full"),
+        (["--set", "rope_thta=5e5"], "unknown config key 'rope_thta'"),
+    ):
+        assert main(bad + extra) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and match in err and not out.exists()
+    args = bad + ["--set", "rope_theta=5e5", "--set", "attn_res_block_layers=1", "--set", "attn_res_window=2"]
+    assert main(args) == 0, capsys.readouterr().err
+    info = json.loads((out / "run.json").read_text())
+    assert (info["config"]["rope_theta"], info["config"]["attn_res_block_layers"]) == (5e5, 1)
+    assert info["model_config"]["rope_theta"] == 5e5 and info["model_config"]["attn_res_window"] == 2
+    capsys.readouterr()
+    rc = main(["train", "--out", str(out), "--resume", "--no-progress", "--max-steps", "3", "--set", "rope_theta=1e4"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "cannot resume with a different config: rope_theta" in err
