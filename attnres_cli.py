@@ -29,6 +29,24 @@ LAYOUTS = ("attnres", "k3", "fla", "torchtitan", "megatron", "gguf")
 MISSING_FINAL = ("sum", "init")
 
 
+ARMS = ("standard", "block", "full")  # attnres.train.compare.ARMS, the default arms
+
+
+def _arms(text: str) -> tuple[str, ...]:
+    """``--arms a,b,c``: registered scheme names, each once (usage errors name the allowed ones)."""
+    arms = tuple(a.strip() for a in text.split(",") if a.strip())
+    bad = [a for a in arms if a not in RESIDUALS]
+    if not arms or bad:
+        raise argparse.ArgumentTypeError(
+            (f"unknown arm {', '.join(map(repr, bad))}" if bad else "no arm given")
+            + f"; allowed: {', '.join(RESIDUALS)}"
+        )
+    twice = sorted({a for a in arms if arms.count(a) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(f"arm {', '.join(map(repr, twice))} given twice")
+    return arms
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: ``attnres: error: ...``."""
 
@@ -66,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="KEY=VALUE",
             default=[],
             help="override one config key (repeatable; lists comma-separated, e.g. "
-            "sources=shakespeare,my.txt); unknown keys list the allowed ones",
+            "sources=shakespeare,my.txt): a training key, a model key (hidden_size, rope_theta, "
+            "attn_res_block_layers, ...) or a residual scheme's key (attn_res_window, hyper_streams, ...; "
+            "README 'Config units'); unknown keys list the allowed ones",
         )
         p.add_argument("--resume", action="store_true", help=resume_help)
         p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
@@ -76,11 +96,22 @@ def build_parser() -> argparse.ArgumentParser:
     cmp = sub.add_parser(
         "compare",
         epilog=EPILOG,
-        help="train standard, block and full residuals on equal terms and report (the main job)",
-        description="Train standard, Block AttnRes (N = attn_res_num_blocks, 8 by default) and Full AttnRes "
-        "with identical seeds, data order, tokens and hyperparameters; evaluate on the validation split; "
-        "print a table and write OUT/report.md, OUT/summary.json and PNG plots. Arm <residual> with seed s "
-        "trains into OUT/<residual>-s<s>/.",
+        help="train residual schemes (standard, block and full by default) on equal terms and report "
+        "(the main job)",
+        description="Train the --arms (by default standard, Block AttnRes (N = attn_res_num_blocks, 8 by "
+        "default) and Full AttnRes; any residual scheme may be an arm) with identical seeds, data order, "
+        "tokens and hyperparameters; evaluate on the validation split; print a table and write "
+        "OUT/report.md, OUT/summary.json and PNG plots. Arm <residual> with seed s trains into "
+        "OUT/<residual>-s<s>/. Every arm shares the config; each reads its own scheme's keys (--set "
+        "attn_res_window=3 applies to block and full), and a scheme key no arm takes is an error.",
+    )
+    cmp.add_argument(
+        "--arms",
+        type=_arms,
+        default=ARMS,
+        metavar="A,B,...",
+        help=f"comma-separated residual schemes to compare, each once: {', '.join(RESIDUALS)} "
+        f"(default: {','.join(ARMS)})",
     )
     cmp.add_argument(
         "--preset",
@@ -95,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--out", help="output directory (default runs/compare-<preset>)")
     run_options(
         cmp,
-        "continue every arm that has a checkpoint (finished ones stay as they are unless --set "
+        "continue every arm (of --arms) that has a checkpoint (finished ones stay as they are unless --set "
         "max_steps grew), start missing ones",
     )
     cmp.set_defaults(argv=None)  # attnres.cli fills in the command line compare records

@@ -171,7 +171,7 @@ def _world_size() -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .train.compare import compare, print_table, table_rows
+    from .train.compare import check_arms, compare, print_table, table_rows
     from .train.config import load_config, parse_set, read_yaml
 
     if args.seeds < 1:
@@ -183,10 +183,12 @@ def _compare(args: argparse.Namespace) -> int:
     for key in ("residual", "seed"):
         if key in overrides:
             raise _user_error(
-                f"compare sets {key!r} itself (all three arms; seeds 0..K-1 via --seeds); do not --set it"
+                f"compare sets {key!r} itself (the --arms; seeds 0..K-1 via --seeds); do not --set it"
             )
     preset = args.preset
-    cfg = load_config(preset, args.config, overrides)
+    arms = check_arms(args.arms)
+    # the config is checked as the first arm's; compare checks every arm's before it trains anything
+    cfg = load_config(preset, args.config, {**overrides, "residual": arms[0]}, residuals=arms)
     out = _out(args, Path("runs") / f"compare-{preset}")
     seeds = list(range(args.seeds))
     runs = compare(
@@ -200,8 +202,10 @@ def _compare(args: argparse.Namespace) -> int:
         argv=sys.argv[1:] if args.argv is None else args.argv,
         # what the user chose on this command line; on --resume it applies over the arms' saved config
         overrides=set(overrides) | (set(read_yaml(args.config)) - {"preset"} if args.config else set()),
+        arms=arms,
     )
-    print_table(table_rows(runs), f"attnres compare --preset {preset} (seeds {', '.join(map(str, seeds))})")
+    print_table(table_rows(runs), f"attnres compare --preset {preset} --arms {','.join(arms)} "
+                                  f"(seeds {', '.join(map(str, seeds))})")
     print(f"report: {out / 'report.md'}  summary: {out / 'summary.json'}")
     return 0
 

@@ -1,9 +1,12 @@
-"""``attnres compare``: standard vs Block AttnRes (N blocks) vs Full, on equal terms.
+"""``attnres compare``: residual schemes on equal terms; by default standard vs Block AttnRes (N blocks) vs
+Full, and any registered scheme (``arms``: names of ``attnres.residual.RESIDUALS``) can be an arm.
 
 Every arm gets the same config except ``residual``: the same seeds (model init and data order),
 the same batches, tokens and hyperparameters; the shared weights even start identical, because
-the AttnRes parameters are zero/one-initialised without drawing random numbers. The data is
-prepared once. Arm ``<residual>`` with seed ``s`` trains into ``OUT/<residual>-s<s>/``.
+the AttnRes parameters are zero/one-initialised without drawing random numbers. The config carries
+every scheme's keys; each arm's model reads its own scheme's (``TrainConfig.model_config``), and a
+non-default key that no arm owns is refused. The data is prepared once. Arm ``<residual>`` with seed
+``s`` trains into ``OUT/<residual>-s<s>/``.
 
 Outputs: ``OUT/summary.json`` (one entry per run), ``OUT/report.md`` (table, command, machine,
 versions, training dynamics, plots) and PNGs from :mod:`attnres.analysis`.
@@ -28,7 +31,16 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import atomic_write_text, find_checkpoint, load_trainer_state
-from .config import PRESETS, ConfigError, TrainConfig, config_from_dict, load_config
+from .config import (
+    PRESETS,
+    RESIDUALS,
+    SCHEME_KEYS,
+    ConfigError,
+    TrainConfig,
+    check_scheme_keys,
+    config_from_dict,
+    load_config,
+)
 from .loop import (
     RESUMABLE_KEYS,
     RunExistsError,
@@ -40,8 +52,29 @@ from .loop import (
     train,
 )
 
-ARMS = ("standard", "block", "full")
+ARMS = ("standard", "block", "full")  # the default arms
 ARM_KEYS = ("residual", "seed")  # the only keys in which the arms' configs differ
+NAMES = {"standard": "the standard residual", "block": "Block AttnRes", "full": "Full AttnRes"}
+
+
+def check_arms(arms) -> tuple[str, ...]:
+    """``arms`` as a tuple of registered scheme names, at least one, each once; else a one-line error."""
+    arms = tuple(arms)
+    if not arms:
+        raise ConfigError(f"compare needs at least one arm; allowed: {', '.join(RESIDUALS)}")
+    bad = [a for a in arms if a not in RESIDUALS]
+    if bad:
+        raise ConfigError(f"unknown arm {', '.join(map(repr, bad))}; allowed: {', '.join(RESIDUALS)}")
+    twice = sorted({a for a in arms if arms.count(a) > 1})
+    if twice:
+        raise ConfigError(f"arm {', '.join(map(repr, twice))} given twice")
+    return arms
+
+
+def _baseline(runs: list[dict[str, Any]]) -> str | None:
+    """The arm step times are compared to: standard if it is an arm, else the first arm."""
+    arms = list(dict.fromkeys(r["residual"] for r in runs))
+    return "standard" if "standard" in arms else (arms[0] if arms else None)
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
@@ -69,9 +102,10 @@ def _median(xs: list[float | None]) -> float | None:
 
 
 def table_rows(runs: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """One row per residual: mean ± std over seeds; step-time ratio to standard (ratio of medians)."""
-    by = {r: [x for x in runs if x["residual"] == r] for r in ARMS}
-    base = _median([x["step_time"] for x in by["standard"]])
+    """One row per residual (in the order of ``runs``): mean ± std over seeds; step-time ratio to the
+    standard arm's (ratio of medians; to the first arm's without a standard arm)."""
+    by = {r: [x for x in runs if x["residual"] == r] for r in dict.fromkeys(x["residual"] for x in runs)}
+    base = _median([x["step_time"] for x in by.get(_baseline(runs), [])])
     rows = []
     for residual, rs in by.items():
         if not rs:
@@ -199,7 +233,7 @@ def write_report(
         ]
     )
     n_blocks = next((r["num_blocks"] for r in runs if r.get("num_blocks") is not None), None)
-    if n_blocks is None:
+    if n_blocks is None and any(r["residual"] == "block" for r in runs):
         n_blocks = num_blocks(cfg)
     if vocab_size is None:
         vocab_size = next((r["vocab_size"] for r in runs if r.get("vocab_size") is not None), None)
@@ -209,11 +243,18 @@ def write_report(
             return f"vocab_size: {vocab_size}  # the {cfg.tokenizer} tokenizer's (the configured {v} is not used)"
         return f"{k}: {json.dumps(v)}"
 
-    cfg_lines = "\n".join(cfg_line(k, v) for k, v in cfg.to_dict().items() if k not in ARM_KEYS)
+    arms = list(dict.fromkeys(r["residual"] for r in runs))
+    # the scheme keys no arm reads are left out (they are at their defaults)
+    owned = {k for k, owners in SCHEME_KEYS.items() if set(owners) & set(arms)}
+    cfg_lines = "\n".join(
+        cfg_line(k, v) for k, v in cfg.to_dict().items() if k not in ARM_KEYS and (k not in SCHEME_KEYS or k in owned)
+    )
+    names = [NAMES.get(a, a) + (f" (N={n_blocks})" if a == "block" else "") for a in arms]
+    title = " vs ".join(names)
     parts = [
         f"# AttnRes compare: `{preset}` preset, {len(seeds)} seed{'s' if len(seeds) > 1 else ''}",
         "",
-        f"Standard residual vs Block AttnRes (N={n_blocks}) vs Full AttnRes, trained with "
+        f"{title[:1].upper() + title[1:]}, trained with "
         f"identical seeds, data order, tokens ({cfg.max_steps} steps x {cfg.tokens_per_step:,} tokens = "
         f"{cfg.max_steps * cfg.tokens_per_step:,} tokens) and hyperparameters. Validation metrics at the "
         "last step"
@@ -229,7 +270,7 @@ def write_report(
         markdown_table(rows),
         "",
         "Step time is the median over steps; tokens/s = tokens per step / median step time; the ratio is to "
-        "the standard arm's median step time. Bits per byte uses the validation split's average bytes per "
+        f"the {_baseline(runs)} arm's median step time. Bits per byte uses the validation split's average bytes per "
         "token (see attnres/train/evaluate.py).",
         "",
         "## Runs",
@@ -467,8 +508,12 @@ def compare(
     progress: bool = True,
     argv: list[str] | None = None,
     overrides: Iterable[str] | None = None,
+    arms: Iterable[str] = ARMS,
 ) -> list[dict[str, Any]]:
-    """Train every arm for every seed into ``out_dir``; write summary.json, report.md and plots.
+    """Train every arm (``arms``: registered scheme names, default standard, block, full) for every seed
+    into ``out_dir``; write summary.json, report.md and plots. Every arm's config is checked first (one
+    line, before anything is trained or created): a scheme key no arm owns, a scheme key or model shape
+    one arm's scheme refuses.
 
     ``resume``: the arms' saved config is the base (see :func:`resume_config`); the keys named in
     ``overrides`` (the CLI passes what --set and --config chose; default: the keys in which ``cfg``
@@ -480,7 +525,8 @@ def compare(
     did not end on equal terms.
     """
     out = Path(out_dir)
-    arms = [(s, r) for s in seeds for r in ARMS]
+    schemes = check_arms(arms)
+    arms = [(s, r) for s in seeds for r in schemes]
     dirs = {(s, r): out / f"{r}-s{s}" for s, r in arms}
     if not resume and not overwrite:
         taken = [d.name for d in dirs.values() if d.exists() and any(d.iterdir())]
@@ -497,10 +543,13 @@ def compare(
             k: getattr(cfg, k) for k in overrides if k not in ARM_KEYS
         }
         cfg = resume_config(cfg, dirs, explicit)
+    check_scheme_keys(cfg, SCHEME_KEYS, schemes)
+    for residual in schemes:  # each arm's model (its scheme's keys against the model's shape)
+        replace(cfg, residual=residual).validate()
     t0 = time.time()
     data = prepare(cfg, progress)
     out.mkdir(parents=True, exist_ok=True)
-    blocks, vocab = num_blocks(cfg), len(data.tokenizer)
+    blocks, vocab = (num_blocks(cfg) if "block" in schemes else None), len(data.tokenizer)
     runs = []
     for seed, residual in arms:
         arm = replace(cfg, residual=residual, seed=seed)
@@ -530,4 +579,13 @@ def load_summary(path: str | Path) -> list[dict[str, Any]]:
     return json.loads(Path(path).read_text())
 
 
-__all__ = ["ARMS", "compare", "load_summary", "markdown_table", "print_table", "table_rows", "write_report"]
+__all__ = [
+    "ARMS",
+    "check_arms",
+    "compare",
+    "load_summary",
+    "markdown_table",
+    "print_table",
+    "table_rows",
+    "write_report",
+]

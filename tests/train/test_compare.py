@@ -168,3 +168,68 @@ def test_report_shows_the_models_block_count_and_the_tokenizers_vocab(tmp_path, 
     assert "Block AttnRes (N=2)" in report and "N=4" not in report
     assert "vocab_size: 257" in report and "vocab_size: 8192" not in report
     assert "| run | steps | val loss |" in report and "train loss (last step)" in report
+
+
+# ----------------------------------------------------------------------------- any scheme as an arm (issue 11)
+
+
+def test_cli_compare_with_arms_standard_denseformer(tmp_path, tiny_yaml, capsys):
+    out = tmp_path / "cmp"
+    path = tiny_yaml(max_steps=2, eval_every=2, checkpoint_every=2)
+    rc = main(["compare", "--preset", "smoke", "--config", str(path), "--out", str(out), "--no-progress",
+               "--arms", "standard,denseformer", "--set", "denseformer_granularity=sublayer"])
+    assert rc == 0, capsys.readouterr().err
+    runs = json.loads((out / "summary.json").read_text())
+    assert [(r["residual"], r["steps"]) for r in runs] == [("standard", 2), ("denseformer", 2)]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["denseformer-s0", "standard-s0"]
+    info = json.loads((out / "denseformer-s0" / "run.json").read_text())
+    assert info["model_config"]["denseformer_granularity"] == "sublayer"
+    assert [r["residual"] for r in table_rows(runs)] == ["standard", "denseformer"]
+    report = (out / "report.md").read_text()
+    assert "The standard residual vs denseformer, trained with" in report
+    assert "| standard |" in report and "| denseformer |" in report and "| full" not in report
+    assert "denseformer_granularity: \"sublayer\"" in report and "hyper_streams" not in report
+    assert "--arms standard,denseformer" in capsys.readouterr().out
+    # resume with the arms given: finished arms stay, nothing is refused
+    rc = main(["compare", "--preset", "smoke", "--config", str(path), "--out", str(out), "--no-progress",
+               "--resume", "--arms", "standard,denseformer", "--set", "denseformer_granularity=sublayer"])
+    assert rc == 0, capsys.readouterr().err
+
+
+def test_cli_compare_arm_errors_are_one_line_before_anything_is_created(tmp_path, tiny_yaml, capsys):
+    out = tmp_path / "cmp"
+    path = tiny_yaml(max_steps=2, eval_every=2, checkpoint_every=2)
+    base = ["compare", "--preset", "smoke", "--config", str(path), "--out", str(out), "--no-progress"]
+    for extra, rc_want, match in (
+        (["--arms", "standard,bogus"], 2, "unknown arm 'bogus'; allowed: standard, block, full, denseformer"),
+        (["--arms", "standard,standard"], 2, "arm 'standard' given twice"),
+        (["--arms", "standard,denseformer", "--set", "attn_res_window=3"], 1,
+         "attn_res_window=3 is a key of residual=block/full, not of the arms standard, denseformer"),
+        # a value hc would take, but mhc_lite (the arm) takes at most 5 streams
+        (["--arms", "standard,mhc_lite", "--set", "hyper_streams=9"], 1, "hyper_streams must be an int >= 1 and <= 5"),
+    ):
+        if rc_want == 2:  # a usage error: argparse exits before attnres is imported
+            with pytest.raises(SystemExit) as e:
+                main(base + extra)
+            assert e.value.code == 2
+        else:
+            assert main(base + extra) == rc_want
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and match in err, err
+        assert not out.exists()
+
+
+def test_the_light_cli_default_arms_are_compares():
+    import attnres_cli
+    from attnres.train.compare import ARMS
+
+    assert attnres_cli.ARMS == ARMS
+
+
+def test_check_arms():
+    from attnres.train.compare import check_arms
+
+    assert check_arms(["hc", "standard"]) == ("hc", "standard")
+    for bad, match in (([], "at least one arm"), (["x"], "unknown arm 'x'"), (["hc", "hc"], "given twice")):
+        with pytest.raises(ConfigError, match=match):
+            check_arms(bad)
