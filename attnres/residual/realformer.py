@@ -16,13 +16,14 @@ for those rows are computed in the same forward), so cached decoding equals reco
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from .base import Pass, ResidualScheme, ScoreBias, State
+from .base import Pass, ScoreBias, State
 from .keys import Key, ModelDims
+from .standard import StandardResidual
 
 
-class RealFormer(ResidualScheme):
+class RealFormer(StandardResidual):
     name = "realformer"
     keys = (
         Key("realformer_running_mean", False, "attention layer l uses softmax((S_l + P_{l-1}) / l) instead of "
@@ -37,14 +38,6 @@ class RealFormer(ResidualScheme):
     def build(cls, dims: ModelDims, options: dict) -> RealFormer:
         return cls(dims.num_sublayers, dims.eps, **options)
 
-    def start(self, embedding: Tensor, ctx: Pass) -> State:
-        return (embedding,)
-
-    def read(self, state: State, j: int, query, norm: nn.Module, ctx: Pass, plan=None) -> Tensor:
-        self._check_read(j)
-        self._record(ctx, j, state[0])
-        return norm(state[0])
-
     def score_bias(self, state: State, j: int, ctx: Pass) -> ScoreBias:
         layer = j // 2 + 1  # attention layers count from 1
         return ScoreBias(state[1] if len(state) > 1 else None, 1.0 / layer if self.running_mean else 1.0)
@@ -54,10 +47,6 @@ class RealFormer(ResidualScheme):
         if scores is not None:
             return (h, scores)
         return (h, *state[1:])
-
-    def finish(self, state: State, query, norm: nn.Module, ctx: Pass) -> Tensor:
-        self._record(ctx, self.num_sublayers, state[0])
-        return norm(state[0])
 
     def __repr__(self) -> str:
         return f"RealFormer(num_sublayers={self.num_sublayers}, running_mean={self.running_mean})"

@@ -15,8 +15,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import Pass, ResidualParams, ResidualScheme, State
+from .base import Pass, ResidualParams, State
 from .keys import Key, ModelDims
+from .standard import StandardResidual
 
 
 def cait_init(num_layers: int) -> float:
@@ -39,7 +40,7 @@ class ResidualGain(ResidualParams):
         return f"size={self.gain.shape[0]}, init={self.init:g}"
 
 
-class ResidualScale(ResidualScheme):
+class ResidualScale(StandardResidual):
     name = "residual_scale"
     keys = (
         Key("residual_scale_shape", "vector", "'vector': LayerScale, lambda in R^D per sublayer; 'scalar': "
@@ -68,20 +69,8 @@ class ResidualScale(ResidualScheme):
             return None
         return ResidualGain(hidden_size if self.shape == "vector" else 1, self.init)
 
-    def start(self, embedding: Tensor, ctx: Pass) -> State:
-        return (embedding,)
-
-    def read(self, state: State, j: int, query, norm: nn.Module, ctx: Pass, plan=None) -> Tensor:
-        self._check_read(j)
-        self._record(ctx, j, state[0])
-        return norm(state[0])
-
     def write(self, state: State, j: int, out: Tensor, ctx: Pass, params=None, scores=None) -> State:
         return (state[0] + params.gain.to(out.dtype) * out,)
-
-    def finish(self, state: State, query, norm: nn.Module, ctx: Pass) -> Tensor:
-        self._record(ctx, self.num_sublayers, state[0])
-        return norm(state[0])
 
     def __repr__(self) -> str:
         return f"ResidualScale(num_sublayers={self.num_sublayers}, shape={self.shape!r}, init={self.init:g})"

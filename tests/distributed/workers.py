@@ -11,11 +11,8 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from attnres import AttnResForCausalLM
 from attnres.distributed.checkpoint import restore, save_sharded
@@ -26,6 +23,8 @@ from attnres.train import load_config
 from attnres.train.checkpoint import load_trainer_state, rng_state
 from attnres.train.optim import build_optimizers, build_schedulers
 from attnres.train.trainer import StepOutput, TrainState, forward_backward, optimizer_step
+
+from ..train.helpers import Float64Loss
 
 VOCAB = 257
 MODEL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
@@ -49,18 +48,6 @@ def join(rank: int, size: int, port: int) -> World:
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     return init_distributed("cpu")
-
-
-class Float64Loss(nn.Module):
-    """The next-token loss in the logits' dtype (the model's own loss upcasts to float32 only)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, ids, labels, use_cache):
-        logits = self.model(ids, use_cache=use_cache).logits
-        return SimpleNamespace(loss=F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()))
 
 
 def wrapper(kind: str, world: World):

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from types import SimpleNamespace
+
+import torch.nn.functional as F
+from torch import nn
 
 WORDS = """
 the of and to in a is that for it as was with be by on
@@ -50,3 +54,15 @@ def losses(out: Path) -> list[tuple[int, float]]:
     from attnres.train import read_metrics
 
     return [(r["step"], r["train_loss"]) for r in read_metrics(out / "metrics.jsonl") if "train_loss" in r]
+
+
+class Float64Loss(nn.Module):
+    """The next-token loss in the logits' dtype (the model's own loss upcasts the logits to float32 only)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, labels, use_cache):
+        logits = self.model(ids, use_cache=use_cache).logits
+        return SimpleNamespace(loss=F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()))

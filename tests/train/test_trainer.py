@@ -1,10 +1,8 @@
 """The parts of the training loop: one step over micro-batches, its host reads, the wrap seam."""
 
-from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from attnres import AttnResForCausalLM
@@ -12,21 +10,9 @@ from attnres.train import NonFiniteLoss, read_metrics, train
 from attnres.train.optim import build_optimizers, build_schedulers
 from attnres.train.trainer import StepOutput, TrainState, forward_backward, optimizer_step
 
-from .helpers import losses
+from .helpers import Float64Loss, losses
 
 VOCAB = 257
-
-
-class _Float64Loss(nn.Module):
-    """The next-token loss in float64 (the model's own upcasts the logits to float32 only)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, ids, labels, use_cache):
-        logits = self.model(ids, use_cache=use_cache).logits
-        return SimpleNamespace(loss=F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()))
 
 
 def _state(cfg, dtype=torch.float32) -> TrainState:
@@ -36,7 +22,7 @@ def _state(cfg, dtype=torch.float32) -> TrainState:
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
     opts = build_optimizers(model, cfg)
-    wrapped = _Float64Loss(model) if dtype == torch.float64 else model
+    wrapped = Float64Loss(model) if dtype == torch.float64 else model
     return TrainState(model, wrapped, opts, build_schedulers(opts, cfg))
 
 
