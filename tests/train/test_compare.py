@@ -175,7 +175,7 @@ def test_report_shows_the_models_block_count_and_the_tokenizers_vocab(tmp_path, 
 
 def test_cli_compare_with_arms_standard_denseformer(tmp_path, tiny_yaml, capsys):
     out = tmp_path / "cmp"
-    path = tiny_yaml(max_steps=2, eval_every=2, checkpoint_every=2)
+    path = tiny_yaml(max_steps=2, eval_every=2, checkpoint_every=2, probes=True)  # the smoke preset's probes
     rc = main(["compare", "--preset", "smoke", "--config", str(path), "--out", str(out), "--no-progress",
                "--arms", "standard,denseformer", "--set", "denseformer_granularity=sublayer"])
     assert rc == 0, capsys.readouterr().err
@@ -189,6 +189,7 @@ def test_cli_compare_with_arms_standard_denseformer(tmp_path, tiny_yaml, capsys)
     assert "The standard residual vs denseformer, trained with" in report
     assert "| standard |" in report and "| denseformer |" in report and "| full" not in report
     assert "denseformer_granularity: \"sublayer\"" in report and "hyper_streams" not in report
+    assert (out / "magnitudes.png").is_file() and "## Training dynamics" in report  # probes of both arms
     assert "--arms standard,denseformer" in capsys.readouterr().out
     # resume with one more arm: the finished arms stay as they are, the new one trains on the same terms
     before = {p.name: p.stat().st_mtime_ns for p in (out / "standard-s0" / "checkpoint").iterdir()}
