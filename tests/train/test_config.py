@@ -308,3 +308,35 @@ def test_cli_records_model_keys_in_run_json_and_refuses_them_on_resume(tmp_path,
     rc = main(["train", "--out", str(out), "--resume", "--no-progress", "--max-steps", "3", "--set", "rope_theta=1e4"])
     err = capsys.readouterr().err
     assert rc == 1 and err.count("\n") == 1 and "cannot resume with a different config: rope_theta" in err
+
+
+def test_a_run_dir_written_before_the_model_keys_resumes(tmp_path, trained, capsys):
+    """A checkpoint, run.json and train_config.json whose config lacks the derived keys (as today's files)."""
+    import json
+    import shutil
+
+    import torch
+
+    from attnres.cli import main
+    from attnres.train import find_checkpoint
+    from attnres.train.checkpoint import STATE_FILE
+
+    out = tmp_path / "old"
+    shutil.copytree(trained, out)
+    new = set(allowed_keys()) - set(OLD_SAVED)
+    assert {"rope_theta", "attn_res_block_layers", "hyper_streams"} <= new
+    ckpt = find_checkpoint(out)
+    state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+    state["train_config"] = {k: v for k, v in state["train_config"].items() if k not in new}
+    torch.save(state, ckpt / STATE_FILE)
+    for path in (out / "run.json", ckpt / "train_config.json"):
+        if path.is_file():
+            d = json.loads(path.read_text())
+            cfg = d["config"] if "config" in d else d
+            for k in new:
+                cfg.pop(k, None)
+            path.write_text(json.dumps(d))
+    rc = main(["train", "--out", str(out), "--resume", "--max-steps", "5", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    info = json.loads((out / "run.json").read_text())
+    assert info["resumes"][-1]["config"]["rope_theta"] == 1e4 and info["resumes"][-1]["step"] == 4
