@@ -49,6 +49,7 @@ from .loop import (
     last_probes,
     prepare,
     read_metrics,
+    saved_config,
     train,
 )
 
@@ -363,15 +364,24 @@ def _arm_states(dirs: dict[tuple[int, str], Path]) -> dict[str, tuple[TrainConfi
     return states
 
 
+def _reads(residual: str, key: str) -> bool:
+    """Whether an arm of ``residual`` reads config key ``key`` (every key but the other schemes' keys)."""
+    return key not in SCHEME_KEYS or residual in SCHEME_KEYS[key]
+
+
 def _differences(configs: dict[str, TrainConfig], ignore=()) -> dict[str, dict[str, Any]]:
-    """key -> {label: value} for every key (outside ARM_KEYS and ``ignore``) the configs disagree on."""
+    """key -> {label: value} for every key (outside ARM_KEYS and ``ignore``) the configs disagree on; a
+    scheme's key is compared between the arms of the schemes that read it only."""
     dicts = {label: c.to_dict() for label, c in configs.items()}
     keys = next(iter(dicts.values())).keys() if dicts else ()
-    return {
-        k: {label: d[k] for label, d in dicts.items()}
-        for k in keys
-        if k not in ARM_KEYS and k not in ignore and len({json.dumps(d[k]) for d in dicts.values()}) > 1
-    }
+    out = {}
+    for k in keys:
+        if k in ARM_KEYS or k in ignore:
+            continue
+        values = {label: d[k] for label, d in dicts.items() if _reads(d["residual"], k)}
+        if len({json.dumps(v) for v in values.values()}) > 1:
+            out[k] = values
+    return out
 
 
 def _fmt_differences(diff: dict[str, dict[str, Any]]) -> str:
@@ -415,11 +425,17 @@ def resume_config(
                 else "start a new compare (another --out, or --overwrite)"
             )
         )
+    # the arms' shared config: a scheme key as the saved arms that read it have it
     base = next(iter(saved.values()))
+    read = {k: next(c for c in saved.values() if _reads(c.residual, k)) for k in SCHEME_KEYS
+            if any(_reads(c.residual, k) for c in saved.values())}
+    base = replace(base, **{k: getattr(c, k) for k, c in read.items()})
     changed = {
         k: (getattr(base, k), v)
         for k, v in explicit.items()
-        if k not in RESUMABLE_KEYS and json.dumps(base.to_dict()[k]) != json.dumps(cfg.to_dict()[k])
+        if k not in RESUMABLE_KEYS
+        and (k not in SCHEME_KEYS or k in read)  # a key no saved arm reads may change (a new arm's)
+        and json.dumps(base.to_dict()[k]) != json.dumps(cfg.to_dict()[k])
     }
     if changed:
         raise ConfigError(
@@ -557,6 +573,9 @@ def compare(
         # resume: every arm with a checkpoint continues from it (a finished one only re-reads its
         # metrics, or trains on when max_steps grew; a changed model/data/optimizer config is refused)
         again = resume and d.exists() and find_checkpoint(d) is not None
+        if again:  # the keys of other schemes, which this arm does not read, as it saved them
+            saved = saved_config(d)
+            arm = replace(arm, **{k: getattr(saved, k) for k in SCHEME_KEYS if not _reads(residual, k)})
         summary = train(
             arm,
             d,

@@ -191,20 +191,27 @@ def test_cli_compare_with_arms_standard_denseformer(tmp_path, tiny_yaml, capsys)
     assert "denseformer_granularity: \"sublayer\"" in report and "hyper_streams" not in report
     assert (out / "magnitudes.png").is_file() and "## Training dynamics" in report  # probes of both arms
     assert "--arms standard,denseformer" in capsys.readouterr().out
-    # resume with one more arm: the finished arms stay as they are, the new one trains on the same terms
+    # resume with one more arm and a key of its own: the finished arms (which do not read it) stay as they
+    # are, the new one trains on the same terms
     before = {p.name: p.stat().st_mtime_ns for p in (out / "standard-s0" / "checkpoint").iterdir()}
-    rc = main(["compare", "--preset", "smoke", "--config", str(path), "--out", str(out), "--no-progress",
-               "--resume", "--arms", "standard,denseformer,hc", "--set", "denseformer_granularity=sublayer"])
-    assert rc == 0, capsys.readouterr().err
-    runs = json.loads((out / "summary.json").read_text())
-    assert [(r["residual"], r["steps"]) for r in runs] == [("standard", 2), ("denseformer", 2), ("hc", 2)]
-    assert json.loads((out / "hc-s0" / "run.json").read_text())["model_config"]["hyper_streams"] == 4
-    # the new arm's keys are part of the config the saved arms share: changing them is refused, in one line
     rc = main(["compare", "--preset", "smoke", "--config", str(path), "--out", str(out), "--no-progress",
                "--resume", "--arms", "standard,denseformer,hc", "--set", "denseformer_granularity=sublayer",
                "--set", "hyper_streams=2"])
+    assert rc == 0, capsys.readouterr().err
+    runs = json.loads((out / "summary.json").read_text())
+    assert [(r["residual"], r["steps"]) for r in runs] == [("standard", 2), ("denseformer", 2), ("hc", 2)]
+    assert json.loads((out / "hc-s0" / "run.json").read_text())["model_config"]["hyper_streams"] == 2
+    assert "hyper_streams: 2" in (out / "report.md").read_text()
+    # once an arm reads it, it is the arms' config: a resume keeps it, and changing it is refused in one line
+    rc = main(["compare", "--preset", "smoke", "--config", str(path), "--out", str(out), "--no-progress",
+               "--resume", "--arms", "standard,denseformer,hc"])
+    assert rc == 0, capsys.readouterr().err
+    assert "hyper_streams: 2" in (out / "report.md").read_text()
+    rc = main(["compare", "--preset", "smoke", "--config", str(path), "--out", str(out), "--no-progress",
+               "--resume", "--arms", "standard,denseformer,hc", "--set", "hyper_streams=3"])
     err = capsys.readouterr().err
-    assert rc == 1 and err.count("\n") == 1 and "cannot resume with a different config: hyper_streams" in err
+    assert rc == 1 and err.count("\n") == 1, err
+    assert "cannot resume with a different config: hyper_streams: the arms have 2, now 3" in err
     assert before == {p.name: p.stat().st_mtime_ns for p in (out / "standard-s0" / "checkpoint").iterdir()}
 
 
