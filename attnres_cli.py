@@ -202,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory or its checkpoint/")
     exp.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) directory")
     _convert_parser(sub)
+    _ablate_parser(sub, run_options)
     return parser
 
 
@@ -230,6 +231,35 @@ def _convert_parser(sub) -> None:
         "sources (attn_res_final_aggregation=false; default), init = a fresh aggregation at zero init",
     )
     conv.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
+
+def _ablate_parser(sub, run_options) -> None:
+    abl = sub.add_parser(
+        "ablate",
+        epilog=EPILOG,
+        help="chosen arms (a scheme plus its keys) at one shape and budget, K seeds, paired with a baseline; "
+        "Table-4-style report",
+        description="Train each ARM (SCHEME[:KEY=VALUE,...], e.g. block, block:attn_res_weights=sigmoid, "
+        "full:attn_res_window=2, denseformer, mhc:hyper_streams=4) and the --baseline for seeds 0..K-1 on the "
+        "shared config (--preset/--config/--set: shape, data and budget). For each seed every arm sees the same "
+        "batches and starts from the baseline's shared weights. Writes OUT/report.md (val loss mean ± std, paired "
+        "delta ± 95% t-interval, params, FLOPs/token measured with FlopCounterMode, wall time), OUT/summary.json "
+        "and OUT/ablate.png; run A with seed s trains into OUT/<A>-s<s>/ (':' and ',' as '+'). Finished runs "
+        "are skipped, so a second invocation trains only what is missing; an interrupted run continues with "
+        "--resume. An arm may set its scheme's keys and a few shared ones (block layout, lr, optimizer, "
+        "schedule, ...); a bad spec is a one-line error listing what is allowed.",
+    )
+    abl.add_argument("arms", nargs="+", metavar="ARM", help="SCHEME[:KEY=VALUE,...]; schemes: "
+                     + ", ".join(RESIDUALS))
+    abl.add_argument("--baseline", default="standard", metavar="ARM",
+                     help="the arm every other is paired with (default: standard)")
+    abl.add_argument("--seeds", type=int, default=3, metavar="K", help="train seeds 0..K-1 (default 3)")
+    abl.add_argument("--preset", default="default", choices=list(PRESETS), metavar="PRESET",
+                     help=f"one of {', '.join(PRESETS)} (default: default)")
+    abl.add_argument("--out", help="output directory (default runs/ablate-<preset>)")
+    run_options(abl, "continue the runs in --out that stopped before max_steps (finished ones are always "
+                "skipped)")
+    abl.set_defaults(argv=None)
 
 
 def main(argv: list[str] | None = None) -> int:

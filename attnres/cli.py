@@ -210,6 +210,32 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ablate(args: argparse.Namespace) -> int:
+    from .train.ablate import ablate, parse_arms, print_table
+    from .train.config import load_config, parse_set
+
+    if args.seeds < 1:
+        raise _user_error(f"--seeds must be >= 1, got {args.seeds}")
+    if _world_size() > 1:
+        raise _user_error("ablate runs its arms in one process; run it without torchrun")
+    overrides = parse_set(args.set)
+    for key in ("residual", "seed"):
+        if key in overrides:
+            raise _user_error(f"ablate sets {key!r} itself (the ARMs; seeds 0..K-1 via --seeds); do not --set it")
+    base, arms = parse_arms(args.arms, args.baseline)
+    cfg = load_config(args.preset, args.config, {**overrides, "residual": base.scheme},
+                      residuals=[a.scheme for a in arms])
+    out = _out(args, Path("runs") / f"ablate-{args.preset}")
+    seeds = list(range(args.seeds))
+    summary = ablate(cfg, out, arms, baseline=base, seeds=seeds, preset=args.preset, resume=args.resume,
+                     overwrite=args.overwrite, progress=_progress(args),
+                     argv=sys.argv[1:] if args.argv is None else args.argv)
+    print_table(summary, f"attnres ablate --preset {args.preset} (baseline {base.spec}; seeds "
+                         f"{', '.join(map(str, seeds))})")
+    print(f"report: {out / 'report.md'}  summary: {out / 'summary.json'}  plot: {out / 'ablate.png'}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- eval / generate
 
 
@@ -355,6 +381,7 @@ def is_user_error(e: BaseException) -> bool:
 _HANDLERS = {"demo": "_demo", "compare": "_compare", "train": "_train", "eval": "_eval", "generate": "_generate",
              "export": "_export"}
 _HANDLERS["convert"] = "_convert"
+_HANDLERS["ablate"] = "_ablate"
 
 
 def main(argv: list[str] | None = None) -> int:

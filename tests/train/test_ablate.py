@@ -206,3 +206,35 @@ def test_ablate_unfinished_run_needs_resume(tmp_path, tiny_cfg, monkeypatch):
     s = ablate(cfg, out, ["block"], seeds=[0], resume=True, progress=False, argv=[])
     assert [r["steps"] for r in s["runs"]] == [4, 4]
     assert math.isfinite(s["arms"][1]["delta"]["mean"])
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def test_cli_ablate_help_and_errors(capsys):
+    from attnres_cli import main as light_main
+
+    with pytest.raises(SystemExit) as e:
+        light_main(["ablate", "--help"])
+    assert e.value.code == 0 and "SCHEME[:KEY=VALUE,...]" in capsys.readouterr().out
+    from attnres.cli import main
+
+    assert main(["ablate", "block:hyper_streams=4", "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("attnres: error: arm 'block:hyper_streams=4'") and "\n" not in err
+    assert main(["ablate", "block", "--set", "seed=3", "--no-progress"]) == 1
+    assert "do not --set it" in capsys.readouterr().err
+
+
+def test_cli_ablate_runs(tmp_path, tiny_yaml, capsys):
+    from attnres.cli import main
+
+    out = tmp_path / "abl"
+    cfg = tiny_yaml(max_steps=2, eval_every=2, checkpoint_every=2, warmup_steps=1)
+    args = ["ablate", "block", "--preset", "smoke", "--config", str(cfg), "--seeds", "1", "--out", str(out),
+            "--no-progress"]
+    assert main(args) == 0
+    assert "report:" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert [a["arm"] for a in summary["arms"]] == ["standard", "block"] and summary["seeds"] == [0]
+    assert "attnres ablate block" in (out / "report.md").read_text()
