@@ -49,7 +49,7 @@ from .config import (
     config_diff,
     config_from_dict,
 )
-from .loop import RESUMABLE_KEYS, environment, git_revision, prepare, train
+from .loop import RESUMABLE_KEYS, NonFiniteLoss, environment, git_revision, prepare, train
 
 # keys besides its own scheme's that an arm may set (one value each, so no list-valued keys)
 ARM_SHARED_KEYS = (
@@ -69,6 +69,7 @@ ARM_SHARED_KEYS = (
     "min_lr_ratio",
     "grad_clip",
 )
+DIVERGED = "diverged.json"  # a run stopped by a non-finite loss: its config and result
 # a finished run is reused when its config differs from the arm's only in these (where files are, threads)
 _REUSABLE_DIFF = RESUMABLE_KEYS - {"max_steps", "eval_batches"}
 
@@ -285,13 +286,17 @@ def pairing_wrap(base_cfg: TrainConfig, vocab: int, record: Path | None = None):
 
 
 def _run_state(d: Path, cfg: TrainConfig) -> tuple[str, int | None]:
-    """("fresh" | "finished" | "unfinished", checkpoint step) of the run in ``d`` for the arm config
-    ``cfg``; a run of another config is a :class:`ConfigError`."""
+    """("fresh" | "finished" | "unfinished" | "diverged", checkpoint step) of the run in ``d`` for the arm
+    config ``cfg``; a run of another config is a :class:`ConfigError`."""
     ckpt = find_checkpoint(d) if d.exists() else None
-    if ckpt is None:
+    diverged = d / DIVERGED
+    if diverged.is_file():
+        saved, step = config_from_dict(json.loads(diverged.read_text())["config"]), None
+    elif ckpt is None:
         return "fresh", None
-    st = load_trainer_state(ckpt)
-    saved, step = config_from_dict(st["train_config"]), int(st["step"])
+    else:
+        st = load_trainer_state(ckpt)
+        saved, step = config_from_dict(st["train_config"]), int(st["step"])
     diff = {k: v for k, v in config_diff(saved, cfg).items() if k not in _REUSABLE_DIFF}
     if diff:
         raise ConfigError(
@@ -299,9 +304,24 @@ def _run_state(d: Path, cfg: TrainConfig) -> tuple[str, int | None]:
             + "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
             + "); use another --out, or --overwrite"
         )
+    if diverged.is_file():
+        return "diverged", None
     if step >= cfg.max_steps and (d / "result.json").is_file():
         return "finished", step
     return "unfinished", step
+
+
+def _diverged(d: Path, cfg: TrainConfig, params: int, e: Exception) -> dict[str, Any]:
+    """The result of a run stopped by a non-finite loss, recorded in ``d/diverged.json`` (with its config)."""
+    message = " ".join(str(e).split())
+    result = {
+        "residual": cfg.residual, "seed": cfg.seed, "params": params, "steps": None, "tokens": None,
+        "train_loss": None, "val_loss": None, "ppl": None, "bpb": None, "step_time": None, "tokens_per_s": None,
+        "train_time": None, "out_dir": str(d), "diverged": message,
+    }
+    d.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(d / DIVERGED, json.dumps({"config": cfg.to_dict(), "result": result}, indent=2) + "\n")
+    return result
 
 
 def _finite(x: Any) -> Any:
@@ -372,13 +392,22 @@ def ablate(
         if state == "finished":
             results[(s, a)] = json.loads((d / "result.json").read_text())
             continue
+        if state == "diverged":  # deterministic: training it again would diverge again (--overwrite retries)
+            results[(s, a)] = json.loads((d / DIVERGED).read_text())["result"]
+            continue
+        (d / DIVERGED).unlink(missing_ok=True)
         wrap = None
         if state == "fresh" and a != base:
             wrap = pairing_wrap(replace(cfgs[base], seed=s), vocab, d / "pairing.json")
-        results[(s, a)] = train(
-            arm_cfg, d, resume=state == "unfinished", progress=progress, overwrite=state == "fresh",
-            data=data, label=label, wrap=wrap,
-        )
+        try:
+            results[(s, a)] = train(
+                arm_cfg, d, resume=state == "unfinished", progress=progress, overwrite=state == "fresh",
+                data=data, label=label, wrap=wrap,
+            )
+        except NonFiniteLoss as e:  # one arm blowing up is a result of the ablation, not the end of it
+            results[(s, a)] = _diverged(d, arm_cfg, flops[a.spec]["params"], e)
+            if progress:
+                _say(f"{label}: diverged ({e})")
     summary = summarize(base, arms, seeds, results, flops, cfg)
     summary["vocab_size"] = vocab
     summary["command"] = "attnres " + shlex.join(argv)
@@ -425,7 +454,7 @@ def summarize(base: Arm, arms: list[Arm], seeds: list[int], results: dict, flops
     for a in arms:
         rs = [results[(s, a)] for s in seeds]
         vals = [r["val_loss"] for r in rs]
-        times = [r["train_time"] for r in rs]
+        times = [r["train_time"] for r in rs if r.get("train_time") is not None]
         pairs = [(r["val_loss"], results[(s, base)]["val_loss"]) for s, r in zip(seeds, rs, strict=True)]
         pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
         delta = paired_delta([x for x, _ in pairs], [y for _, y in pairs]) if a != base else None
@@ -441,8 +470,9 @@ def summarize(base: Arm, arms: list[Arm], seeds: list[int], results: dict, flops
             "val_loss_mean": statistics.fmean(got) if got else float("nan"),
             "val_loss_std": statistics.stdev(got) if len(got) > 1 else float("nan"),
             "delta": delta,
+            "diverged": [r["seed"] for r in rs if r.get("diverged")],
             "wall_time": times,
-            "wall_time_mean": statistics.fmean(times),
+            "wall_time_mean": statistics.fmean(times) if times else float("nan"),
             "wall_time_std": statistics.stdev(times) if len(times) > 1 else float("nan"),
             "step_time_median": statistics.median([r["step_time"] for r in rs if r["step_time"] is not None] or
                                                   [float("nan")]),
@@ -483,7 +513,8 @@ def table_rows(summary: dict) -> list[dict[str, str]]:
         d = r["delta"]
         rows.append({
             "arm": r["arm"] + (" (baseline)" if r["arm"] == summary["baseline"] else ""),
-            "val loss": _pm(r["val_loss_mean"], r["val_loss_std"], ".4f"),
+            "val loss": _pm(r["val_loss_mean"], r["val_loss_std"], ".4f")
+            + (f" ({len(r['diverged'])}/{len(r['val_loss'])} diverged)" if r["diverged"] else ""),
             "Δ vs baseline (95% CI)": "-" if d is None else _pm(d["mean"], d["half_width"], "+.4f", ".4f"),
             "params": f"{r['params']:,}",
             "FLOPs/token": _si(r["flops_per_token"]),
@@ -564,10 +595,10 @@ def write_report(out: Path, summary: dict, cfg: TrainConfig, preset: str, elapse
         {
             "arm": r["arm"],
             "seed": str(r["seed"]),
-            "steps": str(r["steps"]),
-            "val loss": "-" if r["val_loss"] is None else f"{r['val_loss']:.4f}",
+            "steps": "-" if r["steps"] is None else str(r["steps"]),
+            "val loss": "diverged" if r.get("diverged") else "-" if r["val_loss"] is None else f"{r['val_loss']:.4f}",
             "train loss (last step)": "-" if r["train_loss"] is None else f"{r['train_loss']:.4f}",
-            "wall time (s)": f"{r['train_time']:.2f}",
+            "wall time (s)": "-" if r["train_time"] is None else f"{r['train_time']:.2f}",
             "step time (s)": "-" if r["step_time"] is None else f"{r['step_time']:.3f}",
         }
         for r in summary["runs"]

@@ -159,7 +159,7 @@ def test_ablate_end_to_end_and_resume(tmp_path, tiny_cfg, seen_batches):
         assert (out / d / "result.json").is_file(), d
     pairing = json.loads((out / "full+attn_res_window=1-s1" / "pairing.json").read_text())
     assert pairing["shared"] > 0 and pairing["baseline"] == "standard"
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(), parse_constant=pytest.fail)  # no NaN
     for a in summary["arms"]:
         assert a["params"] > 0 and math.isfinite(a["flops_per_token"]) and a["flops_per_token"] > 0
         assert all(math.isfinite(v) for v in a["val_loss"]) and math.isfinite(a["wall_time_mean"])
@@ -238,3 +238,26 @@ def test_cli_ablate_runs(tmp_path, tiny_yaml, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert [a["arm"] for a in summary["arms"]] == ["standard", "block"] and summary["seeds"] == [0]
     assert "attnres ablate block" in (out / "report.md").read_text()
+
+
+def test_a_diverging_arm_is_recorded_not_fatal(tmp_path, tiny_cfg, monkeypatch):
+    from attnres.train.trainer import NonFiniteLoss, Trainer
+
+    check = Trainer.check_finite
+
+    def blow_up_block(self, loss, grad_norm):
+        if self.cfg.residual == "block" and self.state.step == 1:
+            raise NonFiniteLoss("non-finite training loss (nan) at step 2")
+        return check(self, loss, grad_norm)
+
+    monkeypatch.setattr(Trainer, "check_finite", blow_up_block)
+    out, cfg = tmp_path / "abl", tiny_cfg(**TWO)
+    s = ablate(cfg, out, ["block"], seeds=[0], progress=False, argv=[])
+    block = s["arms"][1]
+    assert block["diverged"] == [0] and block["val_loss"] == [None] and block["delta"]["n"] == 0
+    assert (out / "block-s0" / "diverged.json").is_file()
+    assert "(1/1 diverged)" in (out / "report.md").read_text()
+    monkeypatch.undo()
+    again = ablate(cfg, out, ["block"], seeds=[0], progress=False, argv=[])  # kept, not retrained
+    assert again["arms"][1]["diverged"] == [0]
+    json.loads((out / "summary.json").read_text(), parse_constant=pytest.fail)  # strict JSON: no NaN
