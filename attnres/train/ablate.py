@@ -408,6 +408,10 @@ def ablate(
             results[(s, a)] = _diverged(d, arm_cfg, flops[a.spec]["params"], e)
             if progress:
                 _say(f"{label}: diverged ({e})")
+    for (s, a), r in results.items():
+        pairing = dirs[(s, a)] / "pairing.json"
+        if pairing.is_file():
+            r["pairing"] = json.loads(pairing.read_text())
     summary = summarize(base, arms, seeds, results, flops, cfg)
     summary["vocab_size"] = vocab
     summary["command"] = "attnres " + shlex.join(argv)
@@ -505,6 +509,10 @@ def _si(x: float) -> str:
     return f"{x:.0f}"
 
 
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.3f}" if math.isfinite(a) and math.isfinite(b) and b > 0 else "-"
+
+
 def table_rows(summary: dict) -> list[dict[str, str]]:
     """The Table-4-style rows of a summary."""
     base = summary["arms"][0]
@@ -520,6 +528,7 @@ def table_rows(summary: dict) -> list[dict[str, str]]:
             "FLOPs/token": _si(r["flops_per_token"]),
             "FLOPs ratio": f"{r['flops_per_token'] / base['flops_per_token']:.3f}",
             "wall time (s)": _pm(r["wall_time_mean"], r["wall_time_std"], ".2f"),
+            "wall ratio": _ratio(r["wall_time_mean"], base["wall_time_mean"]),
         })
     return rows
 
@@ -600,6 +609,9 @@ def write_report(out: Path, summary: dict, cfg: TrainConfig, preset: str, elapse
             "train loss (last step)": "-" if r["train_loss"] is None else f"{r['train_loss']:.4f}",
             "wall time (s)": "-" if r["train_time"] is None else f"{r['train_time']:.2f}",
             "step time (s)": "-" if r["step_time"] is None else f"{r['step_time']:.3f}",
+            "init from baseline (shared / re-aligned tensors)": (
+                f"{r['pairing']['shared']} / {r['pairing']['realigned']}" if r.get("pairing") else "-"
+            ),
         }
         for r in summary["runs"]
     ])
@@ -629,7 +641,11 @@ def write_report(out: Path, summary: dict, cfg: TrainConfig, preset: str, elapse
         "ops (norms, softmax over depth, the residual sums) are not counted, so cheap reads look free. The "
         "ratio is to the baseline's.",
         "- Wall time: the sum of the training step times of a run (evaluation excluded), mean ± std over "
-        "seeds; on a shared CPU it is noisy and the bandwidth-bound depth reads cost more than their FLOPs.",
+        "seeds, and its ratio to the baseline's; on a shared CPU it is noisy, and the bandwidth-bound depth "
+        "reads cost more than their FLOPs.",
+        "- Pairing: before its first step, every weight of an arm that the baseline also has (same name and "
+        "shape) is set to the baseline's initial value at that seed (\"re-aligned\" counts those that "
+        "differed, e.g. where a scheme draws random numbers at init); the batches are the seed's.",
         "",
     ]
     if plot:
