@@ -70,6 +70,7 @@ ARM_SHARED_KEYS = (
     "grad_clip",
 )
 DIVERGED = "diverged.json"  # a run stopped by a non-finite loss: its config and result
+PAIRING = "pairing.json"  # an arm's init from the baseline: {baseline, shared, realigned}
 # a finished run is reused when its config differs from the arm's only in these (where files are, threads)
 _REUSABLE_DIFF = RESUMABLE_KEYS - {"max_steps", "eval_batches"}
 
@@ -248,10 +249,11 @@ def measure_flops(cfg: TrainConfig, vocab: int) -> dict[str, Any]:
         torch.set_num_threads(threads)
 
 
-def pairing_wrap(base_cfg: TrainConfig, vocab: int, record: Path | None = None):
+def pairing_wrap(base_cfg: TrainConfig, vocab: int, record: Path | None = None, name: str | None = None):
     """A ``train(wrap=)`` that copies into a fresh model every weight the baseline model of ``base_cfg``
     (built at its seed) also has, by name and shape, so the arms share their initial shared weights; the
-    RNG states are left as they were. ``record``: write ``{shared, realigned, baseline}`` there."""
+    RNG states are left as they were. ``record``: write ``{shared, realigned, baseline}`` there (``name``:
+    the baseline's spec, default its residual)."""
 
     def wrap(model):
         import numpy as np
@@ -267,8 +269,8 @@ def pairing_wrap(base_cfg: TrainConfig, vocab: int, record: Path | None = None):
         np.random.set_state(npy)
         shared = realigned = 0
         with torch.no_grad():
-            for name, t in model.state_dict().items():
-                s = base.get(name)
+            for key, t in model.state_dict().items():
+                s = base.get(key)
                 if s is not None and s.shape == t.shape:
                     shared += 1
                     if not torch.equal(s.to(t.device, t.dtype), t):
@@ -276,7 +278,7 @@ def pairing_wrap(base_cfg: TrainConfig, vocab: int, record: Path | None = None):
                         t.copy_(s)
         if record is not None:
             atomic_write_text(record, json.dumps(
-                {"baseline": base_cfg.residual, "shared": shared, "realigned": realigned}) + "\n")
+                {"baseline": name or base_cfg.residual, "shared": shared, "realigned": realigned}) + "\n")
         return model
 
     return wrap
@@ -309,6 +311,27 @@ def _run_state(d: Path, cfg: TrainConfig) -> tuple[str, int | None]:
     if step >= cfg.max_steps and (d / "result.json").is_file():
         return "finished", step
     return "unfinished", step
+
+
+def _check_pairing(started: dict[tuple[int, Arm], Path], base: Arm) -> None:
+    """Refuse to reuse runs that were paired with another baseline: an arm's run must have been initialised
+    from ``base``; the baseline's own run from nothing else, or with nothing changed."""
+    bad = []
+    for (_, a), d in started.items():
+        try:
+            p = json.loads((d / PAIRING).read_text())
+        except (OSError, ValueError):
+            p = None
+        if a == base:
+            if p is not None and p.get("realigned"):
+                bad.append(f"{d.name} (initialised from {p.get('baseline')!r})")
+        elif p is None or p.get("baseline") != base.spec:
+            bad.append(f"{d.name} (initialised from " + (repr(p.get("baseline")) if p else "its own init") + ")")
+    if bad:
+        raise ConfigError(
+            f"runs in {next(iter(started.values())).parent} were not paired with the baseline "
+            f"{base.spec!r}: {', '.join(bad)}; use another --out, the same --baseline, or --overwrite"
+        )
 
 
 def _diverged(d: Path, cfg: TrainConfig, params: int, e: Exception) -> dict[str, Any]:
@@ -370,6 +393,7 @@ def ablate(
     if not overwrite:
         for (s, a), d in dirs.items():
             states[(s, a)] = _run_state(d, replace(cfgs[a], seed=s))
+        _check_pairing({k: dirs[k] for k, (st, _) in states.items() if st != "fresh"}, base)
         unfinished = [dirs[k].name for k, (st, _) in states.items() if st == "unfinished"]
         if unfinished and not resume:
             raise ConfigError(
@@ -397,8 +421,10 @@ def ablate(
             continue
         (d / DIVERGED).unlink(missing_ok=True)
         wrap = None
-        if state == "fresh" and a != base:
-            wrap = pairing_wrap(replace(cfgs[base], seed=s), vocab, d / "pairing.json")
+        if state == "fresh":
+            (d / PAIRING).unlink(missing_ok=True)
+            if a != base:
+                wrap = pairing_wrap(replace(cfgs[base], seed=s), vocab, d / PAIRING, base.spec)
         try:
             results[(s, a)] = train(
                 arm_cfg, d, resume=state == "unfinished", progress=progress, overwrite=state == "fresh",
@@ -409,7 +435,7 @@ def ablate(
             if progress:
                 _say(f"{label}: diverged ({e})")
     for (s, a), r in results.items():
-        pairing = dirs[(s, a)] / "pairing.json"
+        pairing = dirs[(s, a)] / PAIRING
         if pairing.is_file():
             r["pairing"] = json.loads(pairing.read_text())
     summary = summarize(base, arms, seeds, results, flops, cfg)

@@ -180,6 +180,10 @@ def test_ablate_end_to_end_and_resume(tmp_path, tiny_cfg, seen_batches):
     assert [a["arm"] for a in s2["arms"]] == ["standard", "full:attn_res_window=1", "denseformer"]
     assert s2["arms"][1]["val_loss"] == s["arms"][1]["val_loss"]
 
+    # runs paired with another baseline are not reused
+    with pytest.raises(ConfigError, match=r"not paired with the baseline 'full:attn_res_window=1': "
+                       r"standard-s0 \(initialised from its own init\)"):
+        ablate(cfg, out, ["standard"], baseline="full:attn_res_window=1", seeds=[0], progress=False, argv=[])
     # another shared config for the same runs is refused, not silently reused
     with pytest.raises(ConfigError, match="another config"):
         ablate(tiny_cfg(**{**TWO, "lr": 0.003}), out, ["denseformer"], seeds=[0], progress=False, argv=[])
