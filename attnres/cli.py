@@ -342,6 +342,13 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _upcycle(args: argparse.Namespace) -> int:
+    from .convert.upcycle import upcycle
+
+    print(upcycle(args.src, args.out, args.residual, args.blocks, args.overwrite))
+    return 0
+
+
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split()) if str(e).strip() else ""
     if isinstance(e, KeyError):  # KeyError quotes its message
@@ -381,6 +388,7 @@ def is_user_error(e: BaseException) -> bool:
 _HANDLERS = {"demo": "_demo", "compare": "_compare", "train": "_train", "eval": "_eval", "generate": "_generate",
              "export": "_export"}
 _HANDLERS["convert"] = "_convert"
+_HANDLERS["upcycle"] = "_upcycle"
 _HANDLERS["ablate"] = "_ablate"
 
 
