@@ -572,10 +572,13 @@ def print_table(summary: dict, title: str) -> None:
     rows = table_rows(summary)
     t = Table(title=title)
     for k in rows[0]:
-        t.add_column(k, justify="left" if k == "arm" else "right")
+        t.add_column(k, justify="left" if k == "arm" else "right", overflow="fold")
     for r in rows:
         t.add_row(*r.values())
-    Console().print(t)
+    console = Console()
+    if not console.is_terminal:  # a log file: one line per arm rather than rich's 80 columns
+        console = Console(width=200)
+    console.print(t)
 
 
 def plot_arms(summary: dict, path: Path) -> str | None:
