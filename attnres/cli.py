@@ -114,12 +114,16 @@ def _out(args, default: Path) -> Path:
     return Path(args.out)
 
 
-def _print_summary(summary: dict, out: Path) -> None:
-    print(
+def _summary_line(summary: dict, out: Path) -> str:
+    return (
         f"{summary['residual']}: val_loss {summary['val_loss']:.4f}  ppl {summary['ppl']:.2f}  "
         f"bits/byte {summary['bpb']:.4f}  params {summary['params']:,}  "
         f"tokens/s {summary['tokens_per_s']:,.0f}  -> {out}"
     )
+
+
+def _print_summary(summary: dict, out: Path) -> None:
+    print(_summary_line(summary, out))
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -136,23 +140,30 @@ def _train(args: argparse.Namespace) -> int:
         step = int(state["step"]) if state is not None else None
         if step == cfg.max_steps:  # train() refuses a changed config or a step past max_steps
             check_resumable(config_from_dict(state["train_config"]), cfg)
-            if _rank() != 0:
+            if _rank() == 0:
+                print(f"{out} is already finished (step {step} of max_steps {cfg.max_steps}); nothing to train. "
+                      f"Give --max-steps N with N > {step} to train on.")
+            # every rank reads the same file, so all return here or all go on to train() together
+            # (a missing or damaged result.json: train() rewrites it without training)
+            summary = _finished_summary(out)
+            if summary is not None:
+                if _rank() == 0:
+                    _print_summary(summary, out)
                 return 0
-            print(
-                f"{out} is already finished (step {step} of max_steps {cfg.max_steps}); nothing to train. "
-                f"Give --max-steps N with N > {step} to train on."
-            )
-            result = out / "result.json"
-            if result.is_file():
-                try:
-                    _print_summary(json.loads(result.read_text()), out)
-                    return 0
-                except (ValueError, KeyError, TypeError):
-                    pass  # a damaged result.json: train() below rewrites it without training
     summary = train(cfg, out, resume=args.resume, progress=_progress(args), overwrite=args.overwrite)
     if _rank() == 0:
         _print_summary(summary, out)
     return 0
+
+
+def _finished_summary(out: Path) -> dict | None:
+    """A finished run's ``result.json``, or None if it is missing or damaged."""
+    try:
+        summary = json.loads((out / "result.json").read_text())
+        _summary_line(summary, out)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return summary
 
 
 def _rank() -> int:

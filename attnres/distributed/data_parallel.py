@@ -30,7 +30,8 @@ FP32 = dict(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_
 def parallelize(model: nn.Module, plan: ParallelPlan, world: World, device: str, *, bf16: bool = False) -> nn.Module:
     """What the trainer's steps run: ``DDP(model)`` or ``model`` sharded in place (``plan.parallel``)."""
     if plan.pipeline_stages > 1:
-        raise ConfigError("pipeline training through `attnres train` is not wired yet; use pipeline_stages=1")
+        raise ConfigError("parallelize() applies data parallelism only; a pipeline plan is applied by "
+                          "attnres.distributed.pipeline.trainer.wrap_pipeline (what `attnres train` uses)")
     if plan.parallel == "fsdp":
         return apply_fsdp(model, cpu_or_cuda_mesh(device, world.size), bf16=bf16)
     return apply_ddp(model, device)

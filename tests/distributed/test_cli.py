@@ -134,3 +134,18 @@ def test_a_damaged_sharded_checkpoint_is_a_one_line_error(tmp_path, ddp, capsys)
     assert main(["eval", "--checkpoint", str(out), "--text", str(text)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"attnres: error: cannot load {out / 'checkpoint' / 'dcp'}: " in err
+
+
+@pytest.mark.parametrize("damage", ["missing", "damaged"])
+def test_resuming_a_finished_job_without_its_result_file_ends_on_every_rank(tmp_path, ddp, damage):
+    """The ranks decide alike whether a finished run needs its result.json rewritten (no rank waits alone)."""
+    out = tmp_path / "run"
+    shutil.copytree(ddp[0], out)
+    if damage == "missing":
+        (out / "result.json").unlink()
+    else:
+        (out / "result.json").write_text('{"residual": "block"}')
+    proc = torchrun(["-m", "attnres", "train", "--out", str(out), "--resume", "--no-progress"], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "already finished (step 6 of max_steps 6)" in proc.stdout
+    assert json.loads((out / "result.json").read_text())["steps"] == 6
