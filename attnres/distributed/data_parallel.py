@@ -68,7 +68,7 @@ def apply_fsdp(model: nn.Module, mesh, *, bf16: bool = False) -> nn.Module:
     if bf16:
         _check_bf16(mesh.device_type)
         for name, module in model.named_modules():
-            if isinstance(module, DepthQuery):
+            if type(module) is DepthQuery:  # a subclass may read its parameters outside forward (delta's gate)
                 _shard(module, name, mesh, MixedPrecisionPolicy(**FP32), taken)
     # a layer's inputs are bf16 already (the bf16 embedding's); casting them would also copy the per-forward
     # context, whose record list the probes fill (FSDP2 rebuilds dataclasses and lists when it casts)

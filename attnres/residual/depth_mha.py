@@ -24,22 +24,23 @@ One layout in every mode.
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops._checks import compute_dtype
-from .base import Pass, ResidualParams, ResidualScheme, State
+from .base import Pass, ResidualParams, ResidualScheme, State, init_copy_
 from .keys import Key, ModelDims
 
 
 class DepthAttention(ResidualParams):
     """One read point's projections (see the module docstring), ``[D, D]`` each, fp32."""
 
-    def __init__(self, hidden_size: int, writer: bool, embedding: bool):
+    def __init__(self, hidden_size: int, writer: bool, embedding: bool, read_point: int = 0):
         super().__init__()
-        self.hidden_size = hidden_size
+        self.hidden_size, self.read_point = hidden_size, read_point
         names = ["query_proj", "out_proj"] + (["key_proj", "value_proj"] if writer else []) \
             + (["embed_key_proj", "embed_value_proj"] if embedding else [])
         for name in names:
@@ -50,10 +51,17 @@ class DepthAttention(ResidualParams):
         for name, p in self.named_parameters(recurse=False):
             if name == "query_proj":
                 nn.init.zeros_(p)
-            elif name.endswith("key_proj"):
-                nn.init.normal_(p, 0.0, std)
+            elif name.endswith("key_proj"):  # random, but not from the global RNG (see _own_generator)
+                init_copy_(p, torch.randn(p.shape, generator=self._own_generator(name)) * std)
             else:  # out_proj, value_proj, embed_value_proj
                 nn.init.eye_(p)
+
+    def _own_generator(self, name: str) -> torch.Generator:
+        """A generator seeded from the global seed, the read point and the parameter's name: the draw is
+        reproducible under ``torch.manual_seed`` but takes nothing from the global RNG, so the shared
+        weights drawn after it are the same as in every other scheme (arms compared on equal terms)."""
+        key = f"{torch.initial_seed()}/{self.read_point}/{name}".encode()
+        return torch.Generator().manual_seed(zlib.crc32(key))
 
     def extra_repr(self) -> str:
         return f"hidden_size={self.hidden_size}"
@@ -89,7 +97,7 @@ class DepthMHA(ResidualScheme):
     def read_params(self, j: int, hidden_size: int) -> nn.Module | None:
         if hidden_size % self.heads:
             raise ValueError(f"depth_mha_heads must divide hidden_size ({hidden_size}), got {self.heads}")
-        return DepthAttention(hidden_size, writer=j < self.num_sublayers, embedding=j == 0)
+        return DepthAttention(hidden_size, writer=j < self.num_sublayers, embedding=j == 0, read_point=j)
 
     def start(self, embedding: Tensor, ctx: Pass) -> State:
         return (embedding,)

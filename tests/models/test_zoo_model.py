@@ -316,3 +316,14 @@ def test_only_the_chosen_schemes_keys_are_config_attributes():
     assert config.block_size is None
     again = AttnResConfig.from_dict(config.to_dict())
     assert again.residual_options() == {"hyper_streams": 2, "hc_h_res": "free"}
+
+
+def test_every_scheme_draws_the_shared_weights_of_the_standard_model():
+    """Arms compared on equal terms start from the same shared weights: no scheme takes from the global RNG."""
+    models = {}
+    for residual in RESIDUALS:
+        torch.manual_seed(0)
+        models[residual] = AttnResForCausalLM(tiny(residual)).state_dict()
+    ref = models["standard"]
+    for residual, sd in models.items():
+        assert [k for k in ref if not torch.equal(ref[k], sd[k])] == [], residual
