@@ -139,8 +139,25 @@ def _read_entries(c: AttnResConfig, lay: Layout, kind: str, i: int, j: int) -> l
             Entry((g,), names.norm.format(i=i, j=j), shape, Fp32(), optional)]
 
 
+def check_convertible(config: AttnResConfig) -> None:
+    """The layouts hold standard, Block and Full AttnRes at their paper form: another scheme, or a Table 4
+    option off its default (same weight names, another function), would convert into a model that computes
+    something else, so it is a :class:`ConvertError`."""
+    from ..residual.registry import REGISTRY
+
+    if config.residual not in ("standard", "block", "full"):
+        raise ConvertError(f"residual={config.residual!r} has no weight map; the layouts hold standard, block "
+                           "and full AttnRes")
+    for key in REGISTRY[config.residual].keys:
+        value = getattr(config, key.name, key.default)
+        if value != key.default:
+            raise ConvertError(f"{key.name}={value!r} (a Table 4 option) has no weight map; only the paper's "
+                               f"form ({key.name}={key.default!r}) converts")
+
+
 def plan(config: AttnResConfig, layout: str | Layout) -> list[Entry]:
     """Every weight of a model with ``config``, in model order, as it maps to ``layout``."""
+    check_convertible(config)
     lay, c = get_layout(layout), config
     attnres = c.residual != "standard"
     head, tail = _shared_entries(c, lay, None), []
@@ -194,7 +211,8 @@ def to_layout(state_dict: dict[str, Tensor], config: AttnResConfig, layout: str 
     """Our state dict (``AttnResForCausalLM`` names; the old stacked ``model.residual.*`` is accepted) as
     ``layout``'s, and that layout's config keys. A tied LM head is left out."""
     lay = get_layout(layout)
-    foreign_config = lay.config_out(config)  # a block size the layout cannot express fails here, first
+    check_convertible(config)  # what no layout holds is the first thing to say
+    foreign_config = lay.config_out(config)  # a block size the layout cannot express fails here
     ours = dict(state_dict)
     convert_legacy_state_dict(ours, "model.")
     entries = [e for e in plan(config, lay) if not (e.ours[0] == LM_HEAD and config.tie_word_embeddings)]
@@ -219,6 +237,7 @@ def from_layout(state_dict: dict[str, Tensor], foreign_config: dict, layout: str
     if lay.name == "attnres":
         state_dict = dict(state_dict)
         convert_legacy_state_dict(state_dict, "model.")
+        _check_source_options(foreign_config)
     kwargs = lay.config_in(foreign_config)
     kwargs.setdefault("tie_word_embeddings", lay.shared[LM_HEAD] not in state_dict)
     fresh_final = _decide_final(kwargs, state_dict, lay, missing_final)
@@ -227,6 +246,15 @@ def from_layout(state_dict: dict[str, Tensor], foreign_config: dict, layout: str
               for e in entries}
     _check(state_dict, wanted, f"layout {lay.name}", lay.name)
     return _read(entries, state_dict), kwargs
+
+
+def _check_source_options(config: dict) -> None:
+    """Our own config.json may carry a scheme or Table 4 options the maps would drop: refuse them."""
+    try:
+        source = AttnResConfig(**{k: v for k, v in config.items() if k not in ("model_type", "architectures")})
+    except (TypeError, ValueError) as e:
+        raise ConvertError(f"layout attnres: the source config is not a valid AttnResConfig: {e}") from None
+    check_convertible(source)
 
 
 def _decide_final(kwargs: dict, state_dict: dict, lay: Layout, missing_final: str) -> bool:

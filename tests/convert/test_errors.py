@@ -1,5 +1,7 @@
 """A name map that does not match the weights: one line naming the layout and the first offending key."""
 
+import re
+
 import pytest
 import torch
 
@@ -77,3 +79,21 @@ def test_bad_config():
                              num_attention_heads=2), "k3")
     with pytest.raises(ConvertError, match="unknown layout 'hf'; known: attnres, k3, fla"):
         to_layout({}, tiny_config(), "hf")
+
+
+@pytest.mark.parametrize("extra, words", [
+    (dict(attn_res_window=1), "attn_res_window=1 (a Table 4 option)"),
+    (dict(residual="full", attn_res_block_size=None, attn_res_weights="sigmoid"),
+     "attn_res_weights='sigmoid' (a Table 4 option)"),
+    (dict(residual="hc", attn_res_block_size=None), "residual='hc' has no weight map"),
+])
+@pytest.mark.parametrize("source", ["attnres", "k3"])
+def test_a_scheme_or_table4_option_the_maps_would_drop_is_refused(extra, words, source):
+    """Same weight names, another function: converting would silently change what the model computes."""
+    config = tiny_config("block-aligned", **extra)
+    sd = random_model(config).state_dict()
+    with pytest.raises(ConvertError, match=re.escape(words)):
+        if source == "attnres":  # our own config.json carries the option; the import must not drop it
+            from_layout(sd, config.to_dict(), "attnres")
+        else:
+            to_layout(sd, config, "k3")
