@@ -67,7 +67,7 @@ def assert_one_line_error(rc, err, match):
 
 # ----------------------------------------------------------------------------- help
 
-COMMANDS = ["demo", "compare", "train", "eval", "generate"]
+COMMANDS = ["demo", "compare", "train", "eval", "generate", "export", "convert", "ablate", "upcycle"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
