@@ -65,6 +65,20 @@ def test_standard_equals_the_source(tmp_path, tied):
     assert json.loads((out / "upcycle.json").read_text())["residual"] == "standard"
 
 
+def test_mistral_without_sliding_window(tmp_path):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(2)
+    source = MistralForCausalLM(MistralConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                              num_attention_heads=4, num_key_value_heads=2, sliding_window=None,
+                                              rope_theta=1e4)).eval()
+    source.save_pretrained(tmp_path / "src")
+    upcycle(tmp_path / "src", tmp_path / "out", "standard")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert rel(model(IDS).logits, source(IDS).logits) < 1e-5
+
+
 @pytest.mark.parametrize("residual", ["block", "full"])
 def test_block_full_zero_init_equal_up_to_eps(residual):
     ids = IDS
