@@ -119,6 +119,16 @@ def _rope_dir(path, rope_type):
     return path
 
 
+def _incomplete_dir(path):
+    from safetensors.torch import load_file, save_file
+
+    tiny_llama().save_pretrained(path)
+    weights = load_file(path / "model.safetensors")
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
 def _corrupt_dir(path):
     tiny_llama().save_pretrained(path)
     weights = path / "model.safetensors"
@@ -134,6 +144,7 @@ def _corrupt_dir(path):
     ("bias", "attention_bias=true"),
     ("mistral-window", "sliding_window=16"),
     ("corrupt", "cannot load the weights"),
+    ("incomplete", "model.layers.1.mlp.up_proj.weight"),
     ("missing", "no such file or directory"),
     ("not-gguf", "a file that is not a .gguf"),
     ("bad-gguf", "not a GGUF file"),
@@ -156,6 +167,8 @@ def test_bad_input_one_line_nothing_written(tmp_path, capsys, case, match):
                                          sliding_window=16)).save_pretrained(src)
     elif case == "corrupt":
         _corrupt_dir(src)
+    elif case == "incomplete":
+        _incomplete_dir(src)
     elif case == "not-gguf":
         src = tmp_path / "weights.bin"
         src.write_bytes(b"\0" * 100)
