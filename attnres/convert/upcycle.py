@@ -330,12 +330,15 @@ def upcycle_model(source, residual: str = "block", blocks: int | None = None):
                            f"({'missing' if missing else 'unexpected'}: {first})")
     if config.tie_word_embeddings:
         model.tie_weights()
+    done = set(theirs) | ({"lm_head.weight"} if config.tie_word_embeddings else set())
     for name, module in model.named_modules():  # every read point at the scheme's own (zero) init
         if hasattr(module, "reset_parameters") and any(name.endswith(r.strip(".")) for r in reads):
             module.reset_parameters(config.initializer_range or 0.02)
-    for name, buf in model.named_buffers():
-        if buf.is_meta:
-            raise ConvertError(f"upcycle left buffer {name} uninitialised (a bug)")
+            done |= {f"{name}.{p}" for p, _ in module.named_parameters()}
+    # to_empty left every tensor uninitialised: each must have been loaded or reset above
+    unset = [n for n, _ in [*model.named_parameters(remove_duplicate=False), *model.named_buffers()] if n not in done]
+    if unset:
+        raise ConvertError(f"upcycle left {unset[0]} uninitialised (a bug)")
     return model.float().eval()
 
 

@@ -86,6 +86,7 @@ def test_block_full_zero_init_equal_up_to_eps(residual):
         source = tiny_llama(eps=eps)
         model = upcycle_model(source, residual, blocks=2 if residual == "block" else None)
         assert all((p == 0).all() for n, p in model.named_parameters() if n.endswith("pseudo_query"))
+        assert all((p == 1).all() for n, p in model.named_parameters() if n.endswith("key_norm_weight"))
         with torch.no_grad():
             assert rel(model(ids).logits, source(ids).logits) < bound, eps
     assert model.config.block_size == (3 if residual == "block" else 1)
