@@ -9,22 +9,12 @@ import torch
 
 import attnres_cli
 from attnres import AttnResForCausalLM
-from attnres.cli import main
 from attnres.convert import LAYOUTS, MISSING_FINAL
 
+from ..test_cli import run
 from ._tiny import logits, random_model, tiny_config
 
 IDS = torch.randint(0, 61, (1, 6), generator=torch.Generator().manual_seed(3))
-
-
-def run(argv, capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as e:  # argparse: --help and usage errors
-        rc = e.code
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
 
 
 def one_line_error(rc, err, match: str) -> None:
