@@ -228,11 +228,14 @@ def model_kwargs(quick: bool) -> dict:
 
 
 def build_model(residual: str, seed: int, device: torch.device, quick: bool = False):
-    """The reference config with ``residual``; block uses S=2 sublayers (one decoder layer) = N=8 blocks."""
+    """The reference config with ``residual``, a scheme or an arm spec ``scheme[:key=value,...]`` (as
+    ``attnres ablate`` takes them; scheme keys only); block uses S=2 sublayers (one decoder layer) = N=8 blocks."""
     from attnres import AttnResConfig, AttnResForCausalLM
+    from attnres.train.ablate import parse_arm
 
-    kw = model_kwargs(quick)
-    if residual == "block":
+    arm = parse_arm(residual)
+    kw = model_kwargs(quick) | dict(arm.overrides)
+    if arm.scheme == "block":
         kw.setdefault("attn_res_block_size", 2)
     torch.manual_seed(seed)
-    return AttnResForCausalLM(AttnResConfig(residual=residual, **kw)).to(device)
+    return AttnResForCausalLM(AttnResConfig(residual=arm.scheme, **kw)).to(device)

@@ -52,8 +52,9 @@ def run(args, device: torch.device) -> dict:
         0, model_kwargs(args.quick)["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(args.seed)
     ).to(device)
     rows = []
+    arms = list(RESIDUALS) + [a for a in getattr(args, "arms", []) if a not in RESIDUALS]
     for checkpointing in (False, True):
-        for res in RESIDUALS:
+        for res in arms:
             model = build_model(res, args.seed, device, args.quick).train()
             if checkpointing:  # every decoder layer recomputed in backward, AttnRes reads included
                 enable_activation_checkpointing(model)

@@ -1,4 +1,5 @@
-"""Training step (forward, backward, AdamW step) of standard vs Full vs Block AttnRes at the reference config."""
+"""Training step (forward, backward, AdamW step) of standard vs Full vs Block AttnRes at the reference config,
+plus any ``--arms`` (other schemes, Table 4 options: what they cost against the same standard step)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ def run(args, device: torch.device) -> dict:
         0, model_kwargs(args.quick)["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(args.seed)
     ).to(device)
     calls, compile_s, losses = {}, {}, {}
-    for res in RESIDUALS:
+    arms = list(RESIDUALS) + [a for a in args.arms if a not in RESIDUALS]
+    for res in arms:
         model = build_model(res, args.seed, device, args.quick).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
         for mode in modes:
@@ -51,7 +53,7 @@ def run(args, device: torch.device) -> dict:
     rows = []
     for mode in modes:
         base = times[f"standard/{mode}"]
-        for res in RESIDUALS:
+        for res in arms:
             t = times[f"{res}/{mode}"]
             ratio = paired_ratio(base, t)  # tokens/s of res / tokens/s of standard
             rows.append(
@@ -116,4 +118,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
         default="default",
         choices=["none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
         help="torch.compile mode for the compiled arm ('none' skips it; --quick always skips it)",
+    )
+    g.add_argument(
+        "--arms", nargs="*", default=[], metavar="ARM",
+        help="more arms beside standard/full/block, as attnres ablate takes them: a scheme or "
+             "SCHEME:KEY=VALUE,... with scheme keys (e.g. block:attn_res_weights=sigmoid full:attn_res_window=2 hc)",
     )
