@@ -152,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, help="seed of model init and data order")
     tr.add_argument("--eval-every", type=int, help="evaluate every N steps (and at the end)")
     tr.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (and at the end)")
+    tr.add_argument(
+        "--init",
+        metavar="DIR",
+        help="start from the saved model in DIR (attnres upcycle's output, a checkpoint) instead of a fresh one: "
+        "its weights and architecture; model keys you set must match it (same as --set init=DIR)",
+    )
     run_options(tr, "continue the run in --out from its checkpoint, exactly")
 
     ev = sub.add_parser(

@@ -95,7 +95,7 @@ def _train_config(args, resume_out: Path | None):
     from .train.loop import saved_config
 
     overrides = parse_set(args.set)
-    for key in ("residual", "max_steps", "seed", "eval_every", "checkpoint_every"):
+    for key in ("residual", "max_steps", "seed", "eval_every", "checkpoint_every", "init"):
         value = getattr(args, key, None)
         if value is not None:
             overrides[key] = value

@@ -126,6 +126,10 @@ class TrainConfig(_ModelKeys):
     data_dir: str | None = None
     val_fraction: float = 0.05
     split_seed: int = 0
+    # --- initialisation: a saved AttnResForCausalLM directory (save_pretrained; `attnres upcycle`'s output, a
+    # run's checkpoint/) whose weights and architecture the run starts from instead of a fresh model; None: fresh.
+    # load_config takes the model keys the user did not set from its config.json (resolve_init)
+    init: str | None = None
     # --- optimization
     optimizer: str = "adamw"  # "muon": torch.optim.Muon on 2-D hidden weights, AdamW on the rest
     lr: float = 1e-3
@@ -558,8 +562,70 @@ def load_config(
     _unknown(overrides, "the overrides")
     cfg = replace(TrainConfig(), **{**PRESETS[preset], **file_values})
     cfg = replace(cfg, **{k: coerce(k, v) for k, v in overrides.items()})
+    if cfg.init is not None:
+        if residuals is not None:  # compare / ablate: each arm builds its own scheme's model
+            raise ConfigError("init starts one run from a saved model (attnres train --init); compare and "
+                              "ablate arms each build their own scheme's model: leave init out")
+        cfg = resolve_init(cfg, [*file_values, *overrides])
     check_scheme_keys(cfg, [*PRESETS[preset], *file_values, *overrides], residuals)
     return cfg.validate()
+
+
+def init_model_config(path: str | Path) -> AttnResConfig:
+    """The :class:`AttnResConfig` of the saved model in ``path`` (``init``); a one-line :class:`ConfigError` if
+    ``path`` is missing or holds no attnres model."""
+    import json
+
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"init: {path} does not exist")
+    if not (path / "config.json").is_file():
+        if (path / "checkpoint" / "config.json").is_file():  # a run directory: its checkpoint
+            return init_model_config(path / "checkpoint")
+        raise ConfigError(f"init: {path} is not a model directory (no config.json)")
+    try:
+        d = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"init: {path / 'config.json'} is not valid JSON: {str(e).splitlines()[0]}") from None
+    if not isinstance(d, dict) or d.get("model_type") != "attnres":
+        mt = d.get("model_type") if isinstance(d, dict) else None
+        raise ConfigError(f"init: {path} holds a {mt!r} model, not an attnres model (model_type 'attnres')")
+    try:
+        return AttnResConfig.from_dict(d)
+    except Exception as e:  # noqa: BLE001 - a bad config.json surfaces as many exception types
+        raise ConfigError(f"init: invalid config.json in {path}: {str(e).splitlines()[0]}") from None
+
+
+def init_dir(path: str | Path) -> Path:
+    """The model directory of ``init`` (``path``, or ``path/checkpoint`` for a run directory)."""
+    path = Path(path)
+    return path / "checkpoint" if not (path / "config.json").is_file() and (path / "checkpoint").is_dir() else path
+
+
+def resolve_init(cfg: TrainConfig, user_keys: Iterable[str]) -> TrainConfig:
+    """``cfg`` with the model keys of the model in ``cfg.init`` (an absolute path): a model key in
+    ``user_keys`` (what a YAML file or ``--set`` gave) must equal the saved model's (one-line
+    :class:`ConfigError` naming the first that differs); the others are taken from it."""
+    path = Path(cfg.init).expanduser().absolute()
+    saved = init_model_config(path)
+    user = set(user_keys)
+    residual = saved.residual
+    if "residual" in user and cfg.residual != residual:
+        raise ConfigError(f"init: residual={cfg.residual!r} differs from the model in {path} (residual={residual!r})")
+    names = [n for n in MODEL_KEYS if n != "residual"]
+    if residual in REGISTRY:
+        names += [k.name for k in REGISTRY[residual].keys]
+    if residual != "block":  # the model has no blocks; the config's keys stay (check_scheme_keys ignores them)
+        names = [n for n in names if n not in ("attn_res_block_size", "attn_res_block_layers")]
+    values: dict[str, Any] = {"residual": residual, "init": str(path)}
+    for name in names:
+        value = getattr(saved, name, None)
+        if name in user and getattr(cfg, name) != value:
+            if not (name == "max_position_embeddings" and getattr(cfg, name) is None):
+                raise ConfigError(f"init: {name}={getattr(cfg, name)!r} differs from the model in {path} "
+                                  f"({name}={value!r}); leave it out to take the model's")
+        values[name] = value
+    return replace(cfg, **values)
 
 
 def config_from_dict(d: dict[str, Any]) -> TrainConfig:
@@ -585,7 +651,10 @@ __all__ = [
     "coerce",
     "config_diff",
     "config_from_dict",
+    "init_dir",
+    "init_model_config",
     "load_config",
     "parse_set",
     "read_yaml",
+    "resolve_init",
 ]

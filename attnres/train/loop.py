@@ -82,6 +82,7 @@ RESUMABLE_KEYS = {
     "data_dir",
     "num_threads",
     "activation_checkpointing",
+    "init",  # where a fresh run's weights came from: the checkpoint holds them now
     "parallel",  # DDP or FSDP2: the same math; a sharded checkpoint loads into either
 }
 

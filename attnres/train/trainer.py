@@ -106,21 +106,34 @@ class TrainState:
 
 
 def build_model(cfg: TrainConfig, vocab: int, ckpt: Path | None = None) -> nn.Module:
-    """A fresh model for ``cfg`` (seed first), or ``ckpt``'s, whose vocabulary must be ``vocab``."""
+    """A fresh model for ``cfg`` (seed first), ``cfg.init``'s saved model (a fresh run that starts from one), or
+    ``ckpt``'s; a loaded model's vocabulary must be ``vocab`` (the data's tokenizer's)."""
     from ..models import AttnResForCausalLM, enable_activation_checkpointing
 
-    if ckpt is None:
+    if ckpt is None and cfg.init is None:
         model = AttnResForCausalLM(cfg.model_config(vocab_size=vocab))
     else:
-        model = load_model(ckpt)  # CheckpointError naming the file if it is truncated/corrupt
+        what = "checkpoint's" if ckpt is not None else f"init model's ({cfg.init})"
+        # CheckpointError naming the file if it is missing, truncated or corrupt
+        model = load_model(ckpt if ckpt is not None else _init_dir(cfg.init))
         if model.config.vocab_size != vocab:
             raise CheckpointError(
                 f"tokenizer/model vocab mismatch: the data's tokenizer has {vocab} tokens, the "
-                f"checkpoint's model {model.config.vocab_size}"
+                f"{what} model {model.config.vocab_size}"
+                + ("" if ckpt is not None else f"; prepare the data with a tokenizer of {model.config.vocab_size}")
             )
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model)
     return model
+
+
+def _init_dir(path: str) -> Path:
+    from .config import init_dir
+
+    d = init_dir(path)
+    if not d.is_dir():
+        raise CheckpointError(f"init: {path} does not exist")
+    return d
 
 
 def build_or_restore(
