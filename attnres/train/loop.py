@@ -271,6 +271,8 @@ def _run(cfg, out: Path, data, ckpt, saved, progress: bool, label: str, wrap, wo
     """Build or restore, record the run, train to ``max_steps``, summarize (files: rank 0's)."""
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
+    if saved is None and cfg.init is not None:
+        _check_init_tokenizer(cfg, data.tokenizer)
     state = build_or_restore(cfg, len(data.tokenizer), ckpt, saved, wrap)
     params = state.num_params()
     resumed_at = state.step if saved is not None else None
@@ -284,6 +286,27 @@ def _run(cfg, out: Path, data, ckpt, saved, progress: bool, label: str, wrap, wo
             trainer(cfg, state, data, metrics=metrics, progress=bar, saver=saver, saved_step=resumed_at,
                     world=world).run()
     return world.on_main(_summarize, cfg, out, params)
+
+
+def _check_init_tokenizer(cfg: TrainConfig, tokenizer) -> None:
+    """A fresh run from ``cfg.init``: the tokenizer saved there (if any) must be the data's (the corpus is
+    tokenized by ``prepare_data``'s byte / BPE tokenizer, not by the init model's own)."""
+    from ..data.tokenizer import load_tokenizer
+    from .config import init_dir
+
+    d = init_dir(cfg.init)
+    if not (d / "tokenizer.json").is_file():
+        return
+    try:
+        theirs = load_tokenizer(d)
+    except Exception as e:  # noqa: BLE001 - a corrupt tokenizer file surfaces as many exception types
+        raise CheckpointError(f"init: cannot load the tokenizer in {d}: {str(e).splitlines()[0]}") from None
+    if theirs.get_vocab() != tokenizer.get_vocab():
+        raise CheckpointError(
+            f"init: the tokenizer in {d} ({len(theirs)} tokens) is not the data's (tokenizer={cfg.tokenizer!r}, "
+            f"{len(tokenizer)} tokens); the corpus is tokenized with the data's tokenizer, so the init model "
+            f"must use that one"
+        )
 
 
 def _saver(out: Path, tokenizer, cfg: TrainConfig, world):

@@ -87,6 +87,19 @@ def test_init_errors_are_one_line(tmp_path, saved, tiny_cfg):
     assert not (tmp_path / "run" / "run.json").exists()
 
 
+def test_an_init_tokenizer_other_than_the_data_s_is_refused(tmp_path, saved, tiny_cfg):
+    d, _, _, _ = saved
+    tok = json.loads((d / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[100:102]  # same size, two tokens' ids swapped
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (d / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(CheckpointError, match="is not the data's") as e:
+        train(tiny_cfg(max_steps=2, eval_every=2, checkpoint_every=2, warmup_steps=1, init=str(d)),
+              tmp_path / "run", progress=False)
+    assert "\n" not in str(e.value)
+
+
 def test_init_is_refused_by_compare(saved, tiny_cfg):
     d, _, _, _ = saved
     with pytest.raises(ConfigError, match="compare and ablate"):
