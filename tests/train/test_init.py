@@ -51,6 +51,11 @@ def test_a_run_with_init_starts_from_the_saved_weights_and_resumes(tmp_path, tin
     train(tiny_cfg(max_steps=3, eval_every=2, checkpoint_every=2, warmup_steps=1, init=str(d)), out, resume=True,
           progress=False)
     assert [s for s, _ in losses(out)] == [1, 2, 3]
+    # a run directory is an init too (its checkpoint/)
+    again = tmp_path / "again"
+    train(tiny_cfg(max_steps=2, eval_every=2, checkpoint_every=2, warmup_steps=1, init=str(out)), again,
+          progress=False)
+    assert json.loads((again / "run.json").read_text())["config"]["init"] == str(out.absolute())
 
 
 def test_model_keys_not_set_come_from_the_init_model(saved, corpus, data_dir):
