@@ -26,7 +26,7 @@ from ..ops import InterBlock, key_rstd, merged_read, phase1
 from ..ops._checks import compute_dtype, source_dtype
 from ..ops.attn_res import read as attn_read
 from . import bank
-from .base import DepthQuery, DepthRead, Mode, Pass, ResidualScheme, State, rms
+from .base import DepthQuery, Mode, Pass, ResidualScheme, State
 from .norm import fusable
 
 
@@ -77,7 +77,8 @@ class BlockAttnRes(ResidualScheme):
         if k < 2:  # one read: phase 1 would be the joint read taken apart
             return None
         blocks = state[: n + 1]
-        qs = torch.stack([q(compute_dtype(source_dtype(blocks))) for q in queries[:k]])
+        ct = compute_dtype(source_dtype(blocks))
+        qs = torch.stack([q(ct) for q in queries[:k]])
         return TwoPhasePlan(j, blocks, qs, phase1(qs, blocks, [key_rstd(b, self.eps) for b in blocks]))
 
     def read(self, state: State, j: int, query: DepthQuery | None, norm: nn.Module, ctx: Pass,
@@ -87,7 +88,7 @@ class BlockAttnRes(ResidualScheme):
             return bank.read(state, bank.sources(state, j, self.block_size), query(state[0].dtype),
                              norm, self.eps, self._fuse(norm, ctx))
         if plan is not None and j - plan.first < len(plan.inter):
-            return self._merged(state, j, plan, norm)
+            return self._merged(state, j, plan, norm, ctx)
         return self._joint(j, state, query, norm, ctx)
 
     def finish(self, state: State, query: DepthQuery | None, norm: nn.Module, ctx: Pass) -> Tensor:
@@ -98,8 +99,7 @@ class BlockAttnRes(ResidualScheme):
         if self.final_aggregation:
             return self._joint(j, state, query, norm, ctx)
         h = sum(state[1:], state[0])
-        if ctx.records is not None:
-            ctx.records.append(DepthRead(j, rms(h)))
+        self._record(ctx, j, h)
         return norm(h)
 
     def _fuse(self, norm: nn.Module, ctx: Pass) -> bool:
@@ -111,15 +111,14 @@ class BlockAttnRes(ResidualScheme):
         if self._fuse(norm, ctx):
             return attn_read(qp, norm.weight.to(ct), self.eps, sources)[0]
         h, p = attn_read(qp, None, self.eps, sources)
-        if ctx.records is not None:
-            ctx.records.append(DepthRead(j, rms(h), p.detach()))
+        self._record(ctx, j, h, p)
         return norm(h)
 
-    def _merged(self, state: State, j: int, plan: TwoPhasePlan, norm: nn.Module) -> Tensor:
+    def _merged(self, state: State, j: int, plan: TwoPhasePlan, norm: nn.Module, ctx: Pass) -> Tensor:
         k, n = j - plan.first, len(plan.blocks)
         partial = state[n] if j % self.block_size else None
         qp = plan.queries[k]
-        if fusable(norm) and norm.eps == self.eps:
+        if self._fuse(norm, ctx):
             return merged_read(qp, plan.inter[k], plan.blocks, partial, norm.weight, self.eps)[0]
         return norm(merged_read(qp, plan.inter[k], plan.blocks, partial, None, self.eps)[0])
 

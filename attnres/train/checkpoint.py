@@ -314,18 +314,25 @@ def load_model(ckpt: str | Path):
         raise CheckpointError(f"cannot load the model in {ckpt}: {_first_line(e)}") from None
 
 
+def attnres_config_json(ckpt: Path, error: type[Exception] = CheckpointError, prefix: str = "") -> dict:
+    """``ckpt/config.json`` as a dict; ``error`` (one line, after ``prefix``) unless it is JSON of an attnres
+    model."""
+    try:
+        config = json.loads((ckpt / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise error(f"{prefix}{ckpt / 'config.json'} is not valid JSON: {str(e).splitlines()[0]}") from None
+    if not isinstance(config, dict) or config.get("model_type") != "attnres":
+        mt = config.get("model_type") if isinstance(config, dict) else None
+        raise error(f"{prefix}{ckpt} holds a {mt!r} model, not an attnres model (model_type 'attnres')")
+    return config
+
+
 def load_pretrained(path: str | Path):
     """(model, tokenizer, train_config dict or None) from a checkpoint or run directory, validated."""
     from transformers import PreTrainedTokenizerFast
 
     ckpt = resolve_checkpoint_dir(path)
-    try:
-        config = json.loads((ckpt / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{ckpt / 'config.json'} is not valid JSON: {e}") from None
-    if not isinstance(config, dict) or config.get("model_type") != "attnres":
-        mt = config.get("model_type") if isinstance(config, dict) else None
-        raise CheckpointError(f"{ckpt} holds a {mt!r} model, not an attnres model (model_type 'attnres')")
+    attnres_config_json(ckpt)
     model = load_model(ckpt)
     if not (ckpt / "tokenizer.json").exists():
         raise CheckpointError(f"{ckpt} has no tokenizer.json")

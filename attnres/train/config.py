@@ -574,8 +574,6 @@ def load_config(
 def init_model_config(path: str | Path) -> AttnResConfig:
     """The :class:`AttnResConfig` of the saved model in ``path`` (``init``); a one-line :class:`ConfigError` if
     ``path`` is missing or holds no attnres model."""
-    import json
-
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"init: {path} does not exist")
@@ -583,13 +581,9 @@ def init_model_config(path: str | Path) -> AttnResConfig:
         if (path / "checkpoint" / "config.json").is_file():  # a run directory: its checkpoint
             return init_model_config(path / "checkpoint")
         raise ConfigError(f"init: {path} is not a model directory (no config.json)")
-    try:
-        d = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"init: {path / 'config.json'} is not valid JSON: {str(e).splitlines()[0]}") from None
-    if not isinstance(d, dict) or d.get("model_type") != "attnres":
-        mt = d.get("model_type") if isinstance(d, dict) else None
-        raise ConfigError(f"init: {path} holds a {mt!r} model, not an attnres model (model_type 'attnres')")
+    from .checkpoint import attnres_config_json
+
+    d = attnres_config_json(path, ConfigError, "init: ")
     try:
         return AttnResConfig.from_dict(d)
     except Exception as e:  # noqa: BLE001 - a bad config.json surfaces as many exception types

@@ -132,18 +132,6 @@ def test_block_walk_matches_eq6_for_more_shapes(num_sublayers, block_size, monke
     assert walk(scheme, num_sublayers, monkeypatch) == expected
 
 
-def test_block_size_one_equals_full_exactly():
-    d, n = 12, 6
-    gen = torch.Generator().manual_seed(0)
-    qs = queries(n + 1, d, gen)
-    norms = [Norm(d)] * (n + 1)
-    emb = torch.randn(2, 3, d, dtype=torch.float64, generator=gen)
-    outs = torch.randn(n, 2, 3, d, dtype=torch.float64, generator=gen)
-    results = [torch.stack(drive(scheme, emb, lambda j, x: outs[j] * (1 + x), norms, qs))  # outputs depend on inputs
-               for scheme in (FullAttnRes(n), BlockAttnRes(n, 1))]
-    assert torch.equal(results[0], results[1])
-
-
 def test_standard_state_is_the_prenorm_sum():
     d, norm = 8, Norm(8)
     emb = torch.randn(3, d, dtype=torch.float64)
