@@ -106,6 +106,20 @@ def _from_sublayers(n, layout: str, key: str) -> dict:
 # ----------------------------------------------------------------------------- attnres (ours)
 
 
+def _default_rope(config, layout: str) -> None:
+    """A layout whose config has no RoPE scaling keys takes the default RoPE only (never dropped silently)."""
+    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope_type != "default":
+        raise ConvertError(f"layout {layout}: RoPE type {rope_type!r} has no form in its config (default RoPE only; "
+                           "the attnres and k3 layouts carry rope_parameters)")
+
+
+def _rope_in(d: dict, path: Path) -> dict:
+    """A ``rope_parameters`` dict at ``path`` of a foreign config (HF convention), as our keyword."""
+    params = get(d, path)
+    return {"rope_parameters": dict(params)} if isinstance(params, dict) and params else {}
+
+
 def attnres_out(config) -> dict:
     return config.to_dict()
 
@@ -113,6 +127,7 @@ def attnres_out(config) -> dict:
 def attnres_in(d: dict) -> dict:
     kwargs = arch_in(d, SAME, "attnres")
     kwargs.update({k: d[k] for k in OWN if d.get(k) is not None})
+    kwargs.update(_rope_in(d, "rope_parameters"))
     return kwargs
 
 
@@ -123,7 +138,8 @@ K3_ARCH = {**SAME, "rope_theta": ("rope_parameters", "rope_theta")}
 
 def k3_out(config) -> dict:
     out = {"model_type": "kimi_linear", **arch_out(config, K3_ARCH)}
-    out["rope_parameters"]["rope_type"] = "default"
+    out["rope_parameters"] = {**(getattr(config, "rope_parameters", None) or {"rope_type": "default"}),
+                              "rope_theta": config.rope_theta}
     out["attn_res_block_size"] = _layers(config, "k3", "attn_res_block_size")
     return out
 
@@ -131,7 +147,8 @@ def k3_out(config) -> dict:
 def k3_in(d: dict) -> dict:
     if get(d, K3_ARCH["rope_theta"]) is None and d.get("rope_theta") is not None:  # older flat spelling
         d = {**d, "rope_parameters": {"rope_theta": d["rope_theta"]}}
-    return {**arch_in(d, K3_ARCH, "k3"), **_from_layers(d.get("attn_res_block_size"), "k3", "attn_res_block_size")}
+    return {**arch_in(d, K3_ARCH, "k3"), **_rope_in(d, "rope_parameters"),
+            **_from_layers(d.get("attn_res_block_size"), "k3", "attn_res_block_size")}
 
 
 # ----------------------------------------------------------------------------- fla 0.6 TransformerConfig
@@ -144,6 +161,7 @@ FLA_FIXED = {"hidden_act": ("swish", "silu"), "qkv_bias": (False,), "qk_norm": (
 
 
 def fla_out(config) -> dict:
+    _default_rope(config, "fla")
     fixed = {k: v[0] for k, v in FLA_FIXED.items()}
     return {"model_type": "transformer", **fixed, **arch_out(config, FLA_ARCH), "attnres_block_size": config.block_size}
 
@@ -166,6 +184,7 @@ TITAN_ARCH = {"vocab_size": "vocab_size", "hidden_size": "dim", "intermediate_si
 
 
 def torchtitan_out(config) -> dict:
+    _default_rope(config, "torchtitan")
     out = arch_out(config, TITAN_ARCH)
     per_block, layers = _layers(config, "torchtitan", "attn_res.num_blocks"), config.num_hidden_layers
     if per_block is None:
@@ -204,6 +223,7 @@ MEGATRON_ARCH = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "inte
 
 
 def megatron_out(config) -> dict:
+    _default_rope(config, "megatron")
     layers, s = config.num_hidden_layers, config.block_size
     return {**arch_out(config, MEGATRON_ARCH), "num_layers": 2 * layers, "is_hybrid_model": True,
             "hybrid_layer_pattern": "*-" * layers, "normalization": "RMSNorm", "swiglu": True,
@@ -242,6 +262,7 @@ def _gguf_names(arch: str) -> dict[str, str]:
 
 
 def gguf_out(config) -> dict:
+    _default_rope(config, "gguf")
     out = {"general.architecture": "llama", **arch_out(config, _gguf_names("llama")),
            "llama.rope.dimension_count": config.hidden_size // config.num_attention_heads}
     per_block = _layers(config, "gguf", "llama.attn_res_block_size")

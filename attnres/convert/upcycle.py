@@ -18,7 +18,8 @@ GGUF); every AttnRes read point is at its zero init (pseudo-query 0: a uniform m
 
 Accepted sources are the architectures whose difference from Llama is config-level (``LLAMA_FAMILY``):
 no attention / MLP bias, SiLU gated MLP, head_dim = hidden_size / heads, no sliding window, and the
-default RoPE (any ``rope_scaling`` / rope type other than ``default`` is refused, never ignored).
+RoPE ``default``, ``linear`` or ``llama3`` (carried as the config's ``rope_parameters``; any other
+``rope_scaling`` / rope type, e.g. yarn, dynamic, longrope, is refused, never ignored).
 Bad input is a one-line :class:`~attnres.convert.ConvertError` and nothing is written; OUT appears
 complete (a temporary directory renamed into place) or not at all.
 """
@@ -161,23 +162,28 @@ def _check_family(model_type, architectures, where: str) -> None:
                            f"model_type {' / '.join(LLAMA_FAMILY)}")
 
 
-def rope_theta_of(config) -> float:
-    """The source's RoPE base; a RoPE variant other than the default is a one-line error."""
+def rope_parameters_of(config) -> dict:
+    """The source's RoPE as our ``rope_parameters`` (:mod:`attnres.models.rope`: the default RoPE, ``linear``
+    or ``llama3`` scaling); another RoPE type, or parameters we cannot carry, is a one-line error."""
+    from ..models import rope
+
     params = getattr(config, "rope_parameters", None) or {}
     scaling = getattr(config, "rope_scaling", None) or {}
     if not isinstance(params, dict) or not isinstance(scaling, dict):
         raise ConvertError(f"per-layer-type RoPE parameters ({params or scaling!r}) are not supported")
-    rope_type = params.get("rope_type", params.get("type")) or scaling.get("rope_type", scaling.get("type")) \
-        or "default"
-    if rope_type != "default":
-        raise ConvertError(f"RoPE type {rope_type!r} (rope_scaling) is not supported: upcycle implements the "
-                           f"default RoPE only, and will not drop the scaling silently")
+    params = dict(params or scaling)
+    rope_type = params.get("rope_type", params.get("type")) or "default"
+    if rope_type not in rope.ROPE_TYPES:
+        raise ConvertError(f"RoPE type {rope_type!r} (rope_scaling) is not supported by upcycle; supported: "
+                           f"{', '.join(rope.ROPE_TYPES)}")
     theta = params.get("rope_theta", getattr(config, "rope_theta", None))
-    if theta is None:
-        theta = 10000.0
+    params["rope_theta"] = 10000.0 if theta is None else float(theta)
     if getattr(config, "partial_rotary_factor", 1.0) not in (None, 1, 1.0):
         raise ConvertError(f"partial_rotary_factor={config.partial_rotary_factor} is not supported (full RoPE only)")
-    return float(theta)
+    try:
+        return rope.standardize(params, params["rope_theta"])
+    except ValueError as e:
+        raise ConvertError(f"RoPE {rope_type!r}: {_one_line(e)}") from None
 
 
 def check_llama_config(config, where: str) -> None:
@@ -198,7 +204,7 @@ def check_llama_config(config, where: str) -> None:
         problems.append(f"sliding_window={config.sliding_window} (full causal attention only)")
     if problems:
         raise ConvertError(f"{where}: {config.model_type} with {problems[0]} is not supported by upcycle")
-    rope_theta_of(config)
+    rope_parameters_of(config)
 
 
 @contextlib.contextmanager
@@ -292,7 +298,7 @@ def attnres_config(source_config, residual: str = "block", blocks: int | None = 
         num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
         num_key_value_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
         max_position_embeddings=c.max_position_embeddings, rms_norm_eps=float(c.rms_norm_eps),
-        rope_theta=rope_theta_of(c), initializer_range=getattr(c, "initializer_range", 0.02),
+        rope_parameters=rope_parameters_of(c), initializer_range=getattr(c, "initializer_range", 0.02),
         tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)), residual=residual,
     )
     for tok in ("bos_token_id", "eos_token_id", "pad_token_id"):

@@ -6,12 +6,30 @@ from transformers import PretrainedConfig
 
 from ..residual.keys import ModelDims
 from ..residual.registry import REGISTRY, all_keys, entry, options_for
+from . import rope
 
 
 def _positive_int(name: str, value) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
+
+
+_DEFAULT_THETA = 10000.0
+
+
+def _rope_parameters(kwargs: dict, rope_theta: float) -> dict:
+    """The standardized ``rope_parameters`` from ``kwargs`` (popped: ``rope_parameters``, or the legacy
+    ``rope_scaling``) and the ``rope_theta`` argument."""
+    params, scaling = kwargs.pop("rope_parameters", None), kwargs.pop("rope_scaling", None)
+    if params is not None and scaling is not None and rope.standardize(params, rope_theta) \
+            != rope.standardize(scaling, rope_theta):
+        raise ValueError(f"rope_parameters={params!r} and rope_scaling={scaling!r} disagree; give one")
+    params = params if params is not None else scaling
+    theirs = params.get("rope_theta") if isinstance(params, dict) else None
+    if theirs is not None and rope_theta != _DEFAULT_THETA and float(theirs) != float(rope_theta):
+        raise ValueError(f"rope_theta={rope_theta!r} differs from rope_parameters' rope_theta={theirs!r}; give one")
+    return rope.standardize(params, rope_theta)
 
 
 class AttnResConfig(PretrainedConfig):
@@ -41,6 +59,13 @@ class AttnResConfig(PretrainedConfig):
       (``attn_res_query``, ``attn_res_weights``, ``attn_res_key_norm``, ``attn_res_window``,
       ``attn_res_heads``, ``attn_res_head_norm``) or ``hyper_streams`` for HC. Only the chosen scheme's
       keys become attributes; another scheme's key is an error unless it is at its default.
+
+    RoPE: ``rope_theta`` is the base; ``rope_parameters`` (a keyword, transformers 5's convention; the legacy
+    ``rope_scaling`` is read as it) may give a scaled RoPE: ``{"rope_type": "linear", "factor": f}`` or
+    ``{"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    "original_max_position_embeddings"}`` (:mod:`attnres.models.rope`). The config always holds the complete
+    dict (``rope_type`` and ``rope_theta`` included; its ``rope_theta`` wins over a default ``rope_theta``
+    argument, and a different explicit one is an error); another type is a one-line ``ValueError``.
 
     The keys keep what was given (a saved config stays valid when ``num_hidden_layers`` changes on
     load); :attr:`block_size` is the resolved S (1 for "full", None for schemes without blocks).
@@ -95,7 +120,8 @@ class AttnResConfig(PretrainedConfig):
         if not rms_norm_eps >= 0:
             raise ValueError(f"rms_norm_eps must be >= 0, got {rms_norm_eps!r}")
         self.rms_norm_eps = rms_norm_eps
-        self.rope_theta = rope_theta
+        self.rope_parameters = _rope_parameters(kwargs, rope_theta)
+        self.rope_theta = self.rope_parameters["rope_theta"]
         self.initializer_range = initializer_range
         self.use_cache = use_cache
         entry(residual)  # a registered name, or a one-line error listing them

@@ -33,6 +33,7 @@ from ..ops._checks import compute_dtype
 from ..residual import Mode, Pass, ResidualParams, RMSNorm, ScoreBias, State, build_scheme
 from .configuration import AttnResConfig
 from .legacy import convert_legacy_state_dict, legacy_pretrained_state_dict
+from .rope import inv_freq as rope_inv_freq
 
 logger = logging.get_logger(__name__)
 
@@ -255,9 +256,8 @@ class AttnResModel(AttnResPreTrainedModel):
 
     def _rope(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         hd = self.config.hidden_size // self.config.num_attention_heads
-        inv_freq = 1.0 / (
-            self.config.rope_theta ** (torch.arange(0, hd, 2, device=position_ids.device, dtype=torch.float) / hd)
-        )
+        params = getattr(self.config, "rope_parameters", None) or {"rope_type": "default"}
+        inv_freq = rope_inv_freq({**params, "rope_theta": self.config.rope_theta}, hd, position_ids.device)
         freqs = position_ids[..., None].float() * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, hd]
         return emb.cos().to(dtype), emb.sin().to(dtype)

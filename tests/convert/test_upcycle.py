@@ -114,8 +114,6 @@ def _rope_dir(path, rope_type):
     scaling = {"rope_type": rope_type, "factor": 2.0}
     if rope_type == "yarn":
         scaling["original_max_position_embeddings"] = 32
-    if rope_type == "llama3":
-        scaling.update(low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32)
     tiny_llama(rope_scaling=scaling).save_pretrained(path)
     return path
 
@@ -139,9 +137,8 @@ def _corrupt_dir(path):
 
 @pytest.mark.parametrize("case,match", [
     ("gpt2", "architecture GPT2LMHeadModel (model_type 'gpt2') is not a Llama-family"),
-    ("yarn", "RoPE type 'yarn'"),
-    ("linear", "RoPE type 'linear'"),
-    ("llama3", "RoPE type 'llama3'"),
+    ("yarn", "RoPE type 'yarn' (rope_scaling) is not supported by upcycle; supported: default, linear, llama3"),
+    ("dynamic", "RoPE type 'dynamic'"),
     ("bias", "attention_bias=true"),
     ("mistral-window", "sliding_window=16"),
     ("corrupt", "cannot load the weights"),
@@ -156,7 +153,7 @@ def test_bad_input_one_line_nothing_written(tmp_path, capsys, case, match):
     residual, extra = "block", []
     if case == "gpt2":
         _gpt2_dir(src)
-    elif case in ("yarn", "linear", "llama3"):
+    elif case in ("yarn", "dynamic"):
         _rope_dir(src, case)
     elif case == "bias":
         tiny_llama(attention_bias=True).save_pretrained(src)
