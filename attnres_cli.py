@@ -210,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     _convert_parser(sub)
     _upcycle_parser(sub)
     _ablate_parser(sub, run_options)
+    _scaling_parser(sub)
     return parser
 
 
@@ -267,6 +268,56 @@ def _ablate_parser(sub, run_options) -> None:
     run_options(abl, "continue the runs in --out that stopped before max_steps (finished ones are always "
                 "skipped)")
     abl.set_defaults(argv=None)
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _scaling_parser(sub) -> None:
+    sc = sub.add_parser(
+        "scaling",
+        epilog=EPILOG,
+        help="a ladder of budgets (WSD cooldown branches) and model sizes per arm, K paired seeds; power-law "
+        "fits and compute multipliers against the baseline",
+        description="For every size, ARM and seed, one WSD run to the largest rung with a cooldown branch for "
+        "every smaller rung (so one run per seed gives every budget). Compute per run = FLOPs/token (one "
+        "training forward + backward under FlopCounterMode, per size and arm) x tokens. Fits L = A C^-alpha per "
+        "arm (and with a shared alpha, and a shared floor E), and each arm's compute multiplier against the "
+        "baseline: one per seed from paired runs (shared init and data order), mean and 95%% t-interval over "
+        "seeds, interpolated only (extrapolated points are counted and left out); also per size and leaving one "
+        "rung out. Writes OUT/report.md, OUT/summary.json, OUT/scaling.png; runs under OUT/<size>/<arm>-s<seed>/"
+        "rung-<steps>/. Running it again with the same arguments skips finished rungs and continues "
+        "interrupted ones.",
+    )
+    sc.add_argument("arms", nargs="+", metavar="ARM", help="SCHEME[:KEY=VALUE,...] as for ablate; schemes: "
+                    + ", ".join(RESIDUALS))
+    sc.add_argument("--baseline", default="standard", metavar="ARM", help="the arm the multipliers are "
+                    "against (default: standard)")
+    sc.add_argument("--sizes", required=True, metavar="S,S,...", help="model sizes, HIDDEN or HIDDENxLAYERS "
+                    "(e.g. 64,96,128 or 128x4,128x8); the MLP scales with the hidden size, heads as configured")
+    sc.add_argument("--rungs", required=True, type=_ints, metavar="T,T,...",
+                    help="budget rungs in optimizer steps, ascending (e.g. 50,100,200,400)")
+    sc.add_argument("--decay-fraction", type=float, default=0.2, metavar="F",
+                    help="WSD cooldown: the last F of each rung decays linearly (default 0.2)")
+    sc.add_argument("--seeds", type=int, default=3, metavar="K", help="train seeds 0..K-1 (default 3)")
+    sc.add_argument("--jobs", type=int, default=1, metavar="J",
+                    help="train J units at once in worker processes (each with num_threads threads; default 1)")
+    sc.add_argument("--preset", default="default", choices=list(PRESETS), metavar="PRESET",
+                    help=f"one of {', '.join(PRESETS)} (default: default)")
+    sc.add_argument("--config", metavar="FILE.yaml",
+                    help="YAML mapping of config keys (may name a 'preset:'), applied over the preset")
+    sc.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                    help="override one config key (repeatable), as for train")
+    sc.add_argument("--out", help="output directory (default runs/scaling-<preset>)")
+    sc.add_argument("--keep-checkpoints", action="store_true",
+                    help="keep every run's checkpoint (default: deleted once its unit is done)")
+    sc.add_argument("--overwrite", action="store_true", help="retrain everything in --out")
+    sc.add_argument("--no-progress", action="store_true", help="no progress bar or log lines")
+    sc.set_defaults(argv=None)
 
 
 UPCYCLE_RESIDUALS = ("standard", "block", "full")  # attnres.convert.upcycle.RESIDUALS

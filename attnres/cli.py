@@ -247,6 +247,34 @@ def _ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scaling(args: argparse.Namespace) -> int:
+    from .train.ablate import parse_arms
+    from .train.config import load_config, parse_set
+    from .train.scaling import scaling
+
+    if args.seeds < 1:
+        raise _user_error(f"--seeds must be >= 1, got {args.seeds}")
+    if _world_size() > 1:
+        raise _user_error("scaling runs its units in worker processes (--jobs); run it without torchrun")
+    overrides = parse_set(args.set)
+    for key in ("residual", "seed", "max_steps", "schedule", "decay_fraction", "hidden_size", "num_hidden_layers",
+                "intermediate_size"):
+        if key in overrides:
+            raise _user_error(f"scaling sets {key!r} itself (ARMs, --seeds, --rungs, --decay-fraction, --sizes); "
+                              "do not --set it")
+    base, arms = parse_arms(args.arms, args.baseline)
+    cfg = load_config(args.preset, args.config, {**overrides, "residual": base.scheme},
+                      residuals=[a.scheme for a in arms])
+    out = _out(args, Path("runs") / f"scaling-{args.preset}")
+    sizes = [s for s in args.sizes.split(",") if s.strip()]
+    scaling(cfg, out, arms, sizes=sizes, rungs=args.rungs, baseline=base, seeds=list(range(args.seeds)),
+            decay_fraction=args.decay_fraction, jobs=args.jobs, overwrite=args.overwrite,
+            keep_checkpoints=args.keep_checkpoints, progress=_progress(args),
+            argv=sys.argv[1:] if args.argv is None else args.argv)
+    print(f"report: {out / 'report.md'}  summary: {out / 'summary.json'}  plot: {out / 'scaling.png'}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- eval / generate
 
 
@@ -401,6 +429,7 @@ _HANDLERS = {"demo": "_demo", "compare": "_compare", "train": "_train", "eval": 
 _HANDLERS["convert"] = "_convert"
 _HANDLERS["upcycle"] = "_upcycle"
 _HANDLERS["ablate"] = "_ablate"
+_HANDLERS["scaling"] = "_scaling"
 
 
 def main(argv: list[str] | None = None) -> int:

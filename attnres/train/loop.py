@@ -144,6 +144,7 @@ def train(
     data=None,
     label: str | None = None,
     wrap: Callable[[nn.Module], nn.Module] | None = None,
+    stop_at: int | None = None,
 ) -> dict[str, Any]:
     """Train one model into ``out_dir``; returns (and writes to ``OUT/result.json``) the summary.
 
@@ -153,6 +154,9 @@ def train(
     A fresh run that fails before its first checkpoint leaves no partial run files behind.
     ``wrap(model)``, if given, returns what the steps run the model through (a parallel wrapper);
     it is called after the model is built or loaded and before the optimizers are built.
+    ``stop_at``: stop after that step (< ``max_steps``) with a checkpoint there, as if interrupted, and
+    return the summary so far without writing ``result.json``; the schedule is ``max_steps``' (a WSD
+    cooldown branch resumes a copy of the run with a smaller ``max_steps``: :mod:`.scaling`).
 
     Several processes (torchrun sets ``WORLD_SIZE`` > 1): every process calls this with the same
     arguments. The plan (``parallel``, ``pipeline_*``) is checked against the job's size before any
@@ -170,13 +174,16 @@ def train(
         cfg = saved_config(out) if resume else None
     if cfg is None:
         raise ValueError("train() needs a config unless resuming")
+    if stop_at is not None and not 0 < stop_at <= cfg.max_steps:
+        raise ValueError(f"stop_at must be in 1..max_steps={cfg.max_steps}, got {stop_at}")
     _check_plan(cfg.validate(), env_world().size)  # before any process group: a bad plan never hangs a job
     world = init_distributed(cfg.device)
     with world.failures():
-        return _train(world, cfg, out, resume, progress, overwrite, data, label, wrap)
+        return _train(world, cfg, out, resume, progress, overwrite, data, label, wrap, stop_at)
 
 
-def _train(world, cfg, out: Path, resume: bool, progress: bool, overwrite: bool, data, label, wrap) -> dict[str, Any]:
+def _train(world, cfg, out: Path, resume: bool, progress: bool, overwrite: bool, data, label, wrap,
+           stop_at: int | None = None) -> dict[str, Any]:
     ckpt = world.on_main(check_out_dir, out, resume, overwrite)
     saved = load_trainer_state(ckpt) if ckpt is not None else None
     cfg = _resolve_config(cfg, saved, out)
@@ -190,7 +197,7 @@ def _train(world, cfg, out: Path, resume: bool, progress: bool, overwrite: bool,
         wrap, trainer = _parallel(cfg, plan, world)
     try:
         return _run(cfg, out, data, ckpt, saved, progress, label or f"{cfg.residual}-s{cfg.seed}", wrap, world,
-                    trainer)
+                    trainer, stop_at)
     except BaseException as e:
         if world.is_main and saved is None and not isinstance(e, TrainingInterrupted):
             discard_partial_run(out, created)
@@ -267,8 +274,8 @@ def _check_splits(cfg: TrainConfig, data) -> None:
 
 
 def _run(cfg, out: Path, data, ckpt, saved, progress: bool, label: str, wrap, world,
-         trainer=Trainer) -> dict[str, Any]:
-    """Build or restore, record the run, train to ``max_steps``, summarize (files: rank 0's)."""
+         trainer=Trainer, stop_at: int | None = None) -> dict[str, Any]:
+    """Build or restore, record the run, train to ``max_steps`` (or ``stop_at``), summarize (files: rank 0's)."""
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
     if saved is None and cfg.init is not None:
@@ -284,8 +291,8 @@ def _run(cfg, out: Path, data, ckpt, saved, progress: bool, label: str, wrap, wo
         with Progress(progress and world.is_main, cfg.max_steps, state.step, label) as bar:
             saver = _saver(out, data.tokenizer, cfg, world)
             trainer(cfg, state, data, metrics=metrics, progress=bar, saver=saver, saved_step=resumed_at,
-                    world=world).run()
-    return world.on_main(_summarize, cfg, out, params)
+                    world=world, stop_at=stop_at).run()
+    return world.on_main(_summarize, cfg, out, params, state.step == cfg.max_steps)
 
 
 def _check_init_tokenizer(cfg: TrainConfig, tokenizer) -> None:
@@ -318,7 +325,8 @@ def _saver(out: Path, tokenizer, cfg: TrainConfig, world):
     return sharded_saver(out, tokenizer, cfg, world)
 
 
-def _summarize(cfg: TrainConfig, out: Path, params: int) -> dict[str, Any]:
+def _summarize(cfg: TrainConfig, out: Path, params: int, finished: bool = True) -> dict[str, Any]:
     summary = summarize(cfg, read_metrics(out / "metrics.jsonl"), params, out)
-    atomic_write_text(out / "result.json", json.dumps(summary, indent=2) + "\n")
+    if finished:
+        atomic_write_text(out / "result.json", json.dumps(summary, indent=2) + "\n")
     return summary

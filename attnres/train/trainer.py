@@ -102,6 +102,9 @@ class TrainState:
         :func:`attnres.distributed.checkpoint.restore`, which knows every checkpoint's form)."""
         for sc, s in zip(self.schedulers, saved["schedulers"], strict=True):
             sc.load_state_dict(s)  # the schedule function itself is this cfg's (a new max_steps stretches it)
+            # the next step's lr from this cfg's schedule, not the one the saved run's schedule left
+            for group, base, factor in zip(sc.optimizer.param_groups, sc.base_lrs, sc.lr_lambdas, strict=True):
+                group["lr"] = base * factor(sc.last_epoch)
         self.step, self.tokens = saved["step"], saved["tokens"]
 
 
@@ -291,6 +294,7 @@ class Trainer:
         saver: Saver,
         saved_step: int | None = None,
         world: World | None = None,
+        stop_at: int | None = None,
     ):
         from ..data import Batches
         from ..distributed.world import World
@@ -302,19 +306,20 @@ class Trainer:
         self.batches = Batches(data.train, cfg.batch_size, cfg.seq_len, cfg.seed)
         self.params = state.num_params()
         self.probes_on, self.probe_batch = cfg.probes, None
+        self.stop_at = cfg.max_steps if stop_at is None else stop_at
 
     def run(self) -> None:
-        """Train to ``max_steps``, evaluating every ``eval_every`` and checkpointing every
-        ``checkpoint_every`` steps (and both at the last). SIGINT/SIGTERM finish the step, save a
-        checkpoint and raise :class:`TrainingInterrupted`."""
+        """Train to ``max_steps`` (or to ``stop_at``, with a checkpoint there), evaluating every
+        ``eval_every`` and checkpointing every ``checkpoint_every`` steps (and both at the last).
+        SIGINT/SIGTERM finish the step, save a checkpoint and raise :class:`TrainingInterrupted`."""
         cfg = self.cfg
         with SignalGuard() as guard:
-            while self.state.step < cfg.max_steps:
+            while self.state.step < self.stop_at:
                 self.train_step()
                 step, last = self.state.step, self.state.step == cfg.max_steps
                 if step % cfg.eval_every == 0 or last:
                     self.evaluate()
-                saved_now = step % cfg.checkpoint_every == 0 or last
+                saved_now = step % cfg.checkpoint_every == 0 or last or step == self.stop_at
                 if saved_now:
                     self.save_checkpoint()
                 signum = self.world.max(guard.signum or 0)  # every rank stops after the same step
