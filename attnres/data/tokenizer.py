@@ -1,7 +1,9 @@
-"""Tokenizers: byte-level (no training) and byte-level BPE trained with HF ``tokenizers``.
+"""Tokenizers: byte-level (no training), byte-level BPE trained with HF ``tokenizers``, or a pretrained
+model's own (``pretrained``: a directory with its ``tokenizer.json``, e.g. ``attnres upcycle``'s output).
 
-Both are ``transformers.PreTrainedTokenizerFast`` objects with eos token ``<|endoftext|>``, saved
-with ``save_pretrained`` and loaded with :func:`load_tokenizer` (or ``AutoTokenizer``).
+All are ``transformers.PreTrainedTokenizerFast`` objects, saved with ``save_pretrained`` and loaded with
+:func:`load_tokenizer` (or ``AutoTokenizer``). Byte and BPE have eos token ``<|endoftext|>``; a pretrained
+tokenizer keeps its own eos token (SmolLM2-135M-Instruct's: ``<|im_end|>``, id 2).
 
 - ``byte``: token id == byte value (0..255), ``<|endoftext|>`` = 256; vocab 257. Exact round trip
   ``decode(encode(text)) == text`` for any Unicode text.
@@ -25,7 +27,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 EOS_TOKEN = "<|endoftext|>"
-TOKENIZER_KINDS = ("byte", "bpe")
+TOKENIZER_KINDS = ("byte", "bpe", "pretrained")
 BYTE_VOCAB_SIZE = 257           # 256 bytes + <|endoftext|>
 MAX_VOCAB_SIZE = 65536          # token ids must fit in uint16 (max id 65535)
 
@@ -119,6 +121,27 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     if not (path / "tokenizer.json").is_file():
         raise FileNotFoundError(f"no tokenizer.json in tokenizer directory {str(path)!r}")
     return PreTrainedTokenizerFast.from_pretrained(str(path), clean_up_tokenization_spaces=False)
+
+
+def pretrained_tokenizer(path: str | Path) -> tuple[PreTrainedTokenizerFast, str]:
+    """The tokenizer saved in directory ``path`` and the sha256 of its ``tokenizer.json`` (its identity);
+    a ``ValueError`` when it has no eos token or its ids do not fit the uint16 token files."""
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"no tokenizer.json in {str(path)!r} (a pretrained tokenizer is a directory "
+                                "with the fast tokenizer's tokenizer.json, as save_pretrained writes it)")
+    try:
+        tok = load_tokenizer(path)
+    except Exception as e:  # noqa: BLE001 - a corrupt tokenizer file surfaces as many exception types
+        raise ValueError(f"cannot load the tokenizer in {str(path)!r}: {(str(e).splitlines() or [''])[0]}") from None
+    if len(tok) > MAX_VOCAB_SIZE:
+        raise ValueError(f"the tokenizer in {str(path)!r} has {len(tok):,} tokens; token files are uint16, so at "
+                         f"most {MAX_VOCAB_SIZE:,} fit")
+    if tok.eos_token is None or tok.eos_token_id is None:
+        raise ValueError(f"the tokenizer in {str(path)!r} has no eos token (documents are separated by it)")
+    from ._io import sha256_file
+
+    return tok, sha256_file(path / "tokenizer.json")
 
 
 def _encode_many(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> list[list[int]]:

@@ -22,7 +22,7 @@ from ..residual.registry import REGISTRY, RESIDUALS, SCHEMES, all_keys  # the re
 
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "wsd")
-TOKENIZERS = ("bpe", "byte")
+TOKENIZERS = ("bpe", "byte", "init")  # init: the init model's own tokenizer (its directory's tokenizer.json)
 
 
 class UserError(ValueError):
@@ -119,8 +119,8 @@ class TrainConfig(_ModelKeys):
 
     # --- data (attnres.data.prepare_data)
     sources: list[str] = field(default_factory=lambda: ["shakespeare"])
-    tokenizer: str = "bpe"
-    vocab_size: int = 8192  # BPE target vocabulary; ignored by the byte tokenizer
+    tokenizer: str = "bpe"  # "bpe" (trained on the corpus), "byte", or "init" (the init model's own; needs init)
+    vocab_size: int = 8192  # BPE target vocabulary; ignored by the byte and init tokenizers
     # corpus cache; None: $ATTNRES_DATA, else $XDG_CACHE_HOME/attnres or ~/.cache/attnres. validate()
     # makes it absolute, so run.json records where the data is, whatever the current directory
     data_dir: str | None = None
@@ -235,6 +235,9 @@ class TrainConfig(_ModelKeys):
             raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         if not self.sources:
             raise ConfigError("sources is empty: give at least one corpus name or text file")
+        if self.tokenizer == "init" and self.init is None:
+            raise ConfigError("tokenizer=init tokenizes the corpus with the init model's own tokenizer: give "
+                              "init=DIR (attnres train --init DIR)")
         if self.warmup_steps > self.max_steps:
             raise ConfigError(
                 f"warmup_steps ({self.warmup_steps}) must be <= max_steps ({self.max_steps}); "

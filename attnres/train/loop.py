@@ -106,16 +106,20 @@ def saved_config(out_dir: str | Path) -> TrainConfig:
 
 
 def prepare(cfg: TrainConfig, progress: bool = True):
+    """The run's data; ``tokenizer=init`` tokenizes it with the tokenizer saved in the init model's directory."""
     from ..data import prepare_data
+    from .config import init_dir
 
+    own = cfg.tokenizer == "init"
     return prepare_data(
         cfg.data_dir,
         sources=tuple(cfg.sources),
-        tokenizer=cfg.tokenizer,
+        tokenizer="pretrained" if own else cfg.tokenizer,
         vocab_size=cfg.vocab_size,
         val_fraction=cfg.val_fraction,
         split_seed=cfg.split_seed,
         progress=progress,
+        tokenizer_path=init_dir(cfg.init) if own else None,
     )
 
 
@@ -296,8 +300,9 @@ def _run(cfg, out: Path, data, ckpt, saved, progress: bool, label: str, wrap, wo
 
 
 def _check_init_tokenizer(cfg: TrainConfig, tokenizer) -> None:
-    """A fresh run from ``cfg.init``: the tokenizer saved there (if any) must be the data's (the corpus is
-    tokenized by ``prepare_data``'s byte / BPE tokenizer, not by the init model's own)."""
+    """A fresh run from ``cfg.init``: the tokenizer saved there (if any) must be the data's. With
+    ``tokenizer=init`` the data was tokenized with it (:func:`prepare`); with byte / BPE the init model must
+    use that one. The model's vocabulary must be the tokenizer's length (checked when it is loaded)."""
     from ..data.tokenizer import load_tokenizer
     from .config import init_dir
 
@@ -309,11 +314,23 @@ def _check_init_tokenizer(cfg: TrainConfig, tokenizer) -> None:
     except Exception as e:  # noqa: BLE001 - a corrupt tokenizer file surfaces as many exception types
         raise CheckpointError(f"init: cannot load the tokenizer in {d}: {str(e).splitlines()[0]}") from None
     if theirs.get_vocab() != tokenizer.get_vocab():
+        if cfg.tokenizer == "init":  # the cached copy of the tokenizer differs from the file: a bug or a race
+            raise CheckpointError(f"init: the tokenizer in {d} changed while its data was prepared; run again")
         raise CheckpointError(
             f"init: the tokenizer in {d} ({len(theirs)} tokens) is not the data's (tokenizer={cfg.tokenizer!r}, "
             f"{len(tokenizer)} tokens); the corpus is tokenized with the data's tokenizer, so the init model "
-            f"must use that one"
+            f"must use that one (or tokenize with the model's own: tokenizer=init)"
         )
+    if cfg.tokenizer == "init":
+        from .config import init_model_config
+
+        vocab = init_model_config(d).vocab_size
+        if vocab != len(tokenizer):
+            raise CheckpointError(
+                f"init: the tokenizer in {d} has {len(tokenizer)} tokens but the model's vocab_size is {vocab}; "
+                "tokenizer=init needs the two equal (a model whose embedding is padded past its tokenizer is not "
+                "supported)"
+            )
 
 
 def _saver(out: Path, tokenizer, cfg: TrainConfig, world):
