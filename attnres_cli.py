@@ -162,14 +162,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser(
         "eval",
-        help="loss, perplexity and bits per byte of a checkpoint on a text file",
+        help="loss, perplexity and bits per byte of a checkpoint on a text file, or lm-eval tasks",
         description="Evaluate a checkpoint on a UTF-8 text file: contiguous windows of --seq-len "
-        "tokens; bits per byte = loss * tokens / (ln 2 * bytes).",
+        "tokens; bits per byte = loss * tokens / (ln 2 * bytes). With --lm-eval TASKS instead: run "
+        "lm-evaluation-harness tasks on it (pip install 'attnres[eval]'; rolling windows of --seq-len).",
     )
     ev.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory or its checkpoint/")
-    ev.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text file")
-    ev.add_argument("--json", action="store_true", help="print JSON {loss, ppl, bits_per_byte, tokens}")
-    ev.add_argument("--seq-len", type=int, default=None, help="window length (default: the training seq_len)")
+    what = ev.add_mutually_exclusive_group(required=True)
+    what.add_argument("--text", metavar="FILE", help="UTF-8 text file")
+    what.add_argument("--lm-eval", metavar="TASKS", help="comma-separated lm-eval task names or globs")
+    ev.add_argument("--lm-eval-include", metavar="DIR", help="a directory of your own lm-eval task YAMLs")
+    ev.add_argument("--limit", type=float, default=None, metavar="N",
+                    help="lm-eval: at most N documents per task (a fraction < 1: that share)")
+    ev.add_argument("--json", action="store_true", help="print JSON {loss, ppl, bits_per_byte, tokens} "
+                    "(--lm-eval: {results, n_samples, max_length, ...})")
+    ev.add_argument("--seq-len", type=int, default=None, help="window length (default: the training seq_len; "
+                    "without one, --lm-eval takes the model's max_position_embeddings)")
     ev.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
     ev.add_argument("--max-batches", type=int, default=None, help="evaluate at most N batches (default: all)")
 

@@ -300,6 +300,11 @@ def _eval(args: argparse.Namespace) -> int:
     _positive("--max-batches", args.max_batches)
     if args.seq_len is not None and args.seq_len < 2:
         raise _user_error(f"--seq-len must be >= 2 (a window predicts its tokens 2..N), got {args.seq_len}")
+    if args.lm_eval is not None:
+        return _eval_lm_eval(args)
+    for flag, value in (("--lm-eval-include", args.lm_eval_include), ("--limit", args.limit)):
+        if value is not None:
+            raise _user_error(f"{flag} goes with --lm-eval")
     from .data import encode_text
     from .train.checkpoint import load_pretrained
     from .train.evaluate import evaluate
@@ -331,6 +336,22 @@ def _eval(args: argparse.Namespace) -> int:
             f"loss {r['loss']:.4f}  perplexity {r['ppl']:.2f}  bits/byte {r['bpb']:.4f}  "
             f"({r['tokens']:,} tokens predicted, windows of {seq_len})"
         )
+    return 0
+
+
+def _eval_lm_eval(args: argparse.Namespace) -> int:
+    from .evaluate_lm import format_results, run_lm_eval
+
+    if args.max_batches is not None:
+        raise _user_error("--max-batches is for --text; with --lm-eval use --limit")
+    limit = args.limit
+    if limit is not None and limit >= 1:
+        if limit != int(limit):
+            raise _user_error(f"--limit must be a whole number of documents or a fraction < 1, got {limit}")
+        limit = int(limit)
+    result = run_lm_eval(args.checkpoint, args.lm_eval, include_path=args.lm_eval_include, limit=limit,
+                         max_length=args.seq_len, batch_size=args.batch_size)
+    print(json.dumps(result) if args.json else format_results(result))
     return 0
 
 
