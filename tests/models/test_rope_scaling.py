@@ -147,3 +147,14 @@ def test_layouts_without_rope_scaling_refuse_it(layout):
                            rope_parameters=SCALINGS["linear"])
     with pytest.raises(ConvertError, match=f"layout {layout}: RoPE type 'linear' has no form"):
         to_layout(AttnResForCausalLM(config).state_dict(), config, layout)
+
+
+def test_scaled_rope_traces_to_one_graph():
+    import torch._dynamo as dynamo
+
+    config = AttnResConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, residual="block", rope_theta=500.0,
+                           rope_parameters=SCALINGS["llama3"])
+    x = torch.randint(0, 61, (1, 2 * ORIGINAL), generator=torch.Generator().manual_seed(3))
+    ex = dynamo.explain(AttnResForCausalLM(config))(x, labels=x, use_cache=False)
+    assert ex.graph_break_count == 0 and ex.graph_count == 1, [str(b.reason) for b in ex.break_reasons]
