@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Create a venv (default .venv) from nothing and install attnres with its dev tools and the [upcycle] extra
-# (gguf, accelerate: `attnres upcycle` of a .gguf / smollm2-135m). Idempotent.
+# Create a venv (default .venv) from nothing and install attnres with its dev tools and the extras
+# [upcycle] (gguf, accelerate: `attnres upcycle` of a .gguf / smollm2-135m), [peft] (peft: LoRA) and [eval]
+# (lm-eval[hf]: `attnres eval --lm-eval`), all after torch. Idempotent.
 #   TORCH_SPEC     the torch build (default torch==2.13.0; on this project's machines a local CPU wheel).
 #                  torch goes in first so no other package pulls a different one.
 #   ATTNRES_DEPS   "lock" (default): the exact versions of requirements/lock.txt, what CI last passed;
@@ -29,7 +30,7 @@ if [ "$DEPS" = lock ]; then
     pip_install --no-deps -e .
 else
     echo "setup: installing the newest dependencies the bounds allow (ATTNRES_DEPS=latest)"
-    pip_install --upgrade --upgrade-strategy eager -e ".[dev,upcycle]"
+    pip_install --upgrade --upgrade-strategy eager -e ".[dev,upcycle,peft,eval]"
 fi
 "$VENV/bin/python" -m pip check --disable-pip-version-check
 echo "setup: building the fused CPU kernel (once per installation, ~30 s)"
