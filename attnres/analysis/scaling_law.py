@@ -106,28 +106,22 @@ def floor_fit(groups: dict[str, tuple], alphas=None) -> dict:
     loss = np.concatenate([p[1] for p in pts])
     rows = np.concatenate([[i] * len(p[0]) for i, p in enumerate(pts)]).astype(int)
     scale = c.min()  # C^-alpha on C / C_min keeps the columns near 1
-    best = None
+    profile = []
     for a in alphas:
         design = np.zeros((len(c), len(names) + 1))
         design[:, 0] = 1.0
         design[np.arange(len(c)), rows + 1] = (c / scale) ** -a
         coef, *_ = np.linalg.lstsq(design, loss, rcond=None)
-        if (coef < 0).any():
-            continue
         pred = design @ coef
-        if (pred <= 0).any():
+        if (coef < 0).any() or (pred <= 0).any():
             continue
-        sse = float(np.sum((np.log(pred) - np.log(loss)) ** 2))
-        if best is None or sse < best[0]:
-            best = (sse, float(a), coef)
-    if best is None:
+        profile.append((float(np.sum((np.log(pred) - np.log(loss)) ** 2)), float(a), coef))
+    if not profile:
         return {"E": None, "alpha": None, "A": None, "rmse_log": None, "identified": False,
                 "why": "no alpha on the grid gives a non-negative floor and amplitudes"}
-    sse, a, coef = best
-    edge = a in (float(alphas[0]), float(alphas[-1]))
-    identified = bool(not edge and coef[0] > 0)
-    why = ("alpha at the edge of the grid" if edge else "E = 0 at the optimum" if coef[0] <= 0 else
-           "interior alpha, E > 0")
+    sse, a, coef = min(profile, key=lambda t: t[0])
+    pure = shared_alpha(groups)["rmse_log"] ** 2 * len(c)  # the same data without a floor
+    identified, why = _identified(profile, sse, a, coef[0], float(alphas[0]), float(alphas[-1]), c, pure)
     return {
         "E": float(coef[0]),
         "alpha": a,
@@ -137,6 +131,24 @@ def floor_fit(groups: dict[str, tuple], alphas=None) -> dict:
         "identified": identified,
         "why": why,
     }
+
+
+def _identified(profile, sse: float, a: float, e: float, lo: float, hi: float, c, pure: float) -> tuple[bool, str]:
+    """Whether the data pin down the floor: an interior alpha, E > 0, C spanning >= 10x, a floor that at least
+    halves the residual of the pure power law, and a profile that rules out half and double the best alpha
+    (their best residual at least twice the optimum's)."""
+    if a in (lo, hi):
+        return False, "alpha at the edge of the grid"
+    if e <= 0:
+        return False, "E = 0 at the optimum"
+    if c.max() / c.min() < 10:
+        return False, f"C spans only {c.max() / c.min():.1f}x (< 10x)"
+    if sse > 0.5 * pure:
+        return False, "a pure power law fits about as well (the floor does not halve its residual)"
+    far = [t[0] for t in profile if t[1] <= a / 2 or t[1] >= 2 * a]
+    if not far or min(far) < 2 * sse + 1e-12:
+        return False, "flat profile: half or double the alpha fits about as well"
+    return True, "interior alpha, E > 0, better than no floor, profile rules out half and double alpha"
 
 
 def multiplier(base: PowerLaw, c_v, loss_v) -> dict:
