@@ -186,6 +186,27 @@ def rope_parameters_of(config) -> dict:
         raise ConvertError(f"RoPE {rope_type!r}: {_one_line(e)}") from None
 
 
+def _check_gguf_rope(file: Path) -> None:
+    """A GGUF's RoPE scaling (``{arch}.rope.scaling.type``, or llama3's per-frequency ``rope_freqs.weight``) is
+    refused: transformers' GGUF loader drops both for a Llama, so the model would silently lose it. A file
+    gguf cannot read is left to transformers' loader, whose error names it."""
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(file))
+        arch = reader.fields["general.architecture"].contents()
+        field = reader.fields.get(f"{arch}.rope.scaling.type")
+        scaling = field.contents() if field is not None else None
+        freqs = any(t.name == "rope_freqs.weight" for t in reader.tensors)
+    except Exception:  # noqa: BLE001 - not a GGUF gguf can read: transformers' loader says so
+        return
+    if scaling not in (None, "", "none") or freqs:
+        what = f"RoPE scaling {scaling!r}" if scaling not in (None, "", "none") else \
+            "llama3 RoPE scaling (rope_freqs.weight)"
+        raise ConvertError(f"{file}: {what} in a GGUF is not supported (transformers' GGUF loader drops it); "
+                           "upcycle the HF checkpoint directory instead (linear and llama3 are supported there)")
+
+
 def check_llama_config(config, where: str) -> None:
     """The differences from Llama that upcycle cannot carry: each a one-line error."""
     _check_family(getattr(config, "model_type", None), getattr(config, "architectures", None), where)
@@ -247,6 +268,7 @@ def load_source(src: str | os.PathLike, data_dir=None, progress: bool = True):
         except ImportError as e:
             raise ConvertError(f"reading a .gguf needs the `{e.name}` package (the [upcycle] extra): "
                                f"pip install 'attnres[upcycle]'") from None
+        _check_gguf_rope(path / gguf)
     else:
         _check_family_raw(path)
     with _quiet():

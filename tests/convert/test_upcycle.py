@@ -204,6 +204,30 @@ def test_gguf_of_another_architecture(tmp_path, capsys):
     nothing_written(tmp_path, "out")
 
 
+@pytest.mark.parametrize("scaling, match", [("linear", "RoPE scaling 'linear' in a GGUF"),
+                                            (None, "llama3 RoPE scaling (rope_freqs.weight) in a GGUF")])
+def test_gguf_rope_scaling_is_refused(tmp_path, capsys, scaling, match):
+    """transformers' GGUF loader drops a Llama's rope.scaling.* keys and rope_freqs tensor: refused, not lost."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    path = tmp_path / "llama.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    if scaling:
+        w.add_string("llama.rope.scaling.type", scaling)
+        w.add_float32("llama.rope.scaling.factor", 2.0)
+    else:
+        w.add_tensor("rope_freqs.weight", np.ones(4, dtype=np.float32))
+    w.add_tensor("token_embd.weight", np.zeros((10, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    rc, _, err = run(["upcycle", path, "--residual", "standard", "--out", tmp_path / "out"], capsys)
+    one_line_error(rc, err, match)
+    nothing_written(tmp_path, "out")
+
+
 def test_python_errors_are_convert_errors(tmp_path):
     with pytest.raises(ConvertError, match="residual must be one of"):
         upcycle(tmp_path, tmp_path / "out", "hc")
