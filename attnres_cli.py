@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--init",
         metavar="DIR",
         help="start from the saved model in DIR (attnres upcycle's output, a checkpoint) instead of a fresh one: "
-        "its weights and architecture; model keys you set must match it (same as --set init=DIR)",
+        "its weights and architecture; model keys you set must match it (same as --set init=DIR). Add --set "
+        "tokenizer=init to tokenize the data with DIR's own tokenizer (a pretrained model's)",
     )
     run_options(tr, "continue the run in --out from its checkpoint, exactly")
 
