@@ -24,6 +24,7 @@ from torch.autograd.function import once_differentiable
 from . import cpu_kernel
 from ._checks import check_read_inputs, compute_dtype, source_dtype
 from .dispatch import CPU, TRITON, read_impl
+from .grads import Needs, Slots
 
 
 def _flat(v: Tensor, ct: torch.dtype) -> Tensor:
@@ -56,23 +57,21 @@ def _mix(sources: Sequence[Tensor], p: Tensor, ct: torch.dtype) -> Tensor:
     return h
 
 
-def _finish_forward(ctx, qp, w, eps, s, r, p, h, sources, first_source):
+def _finish_forward(ctx, qp, w, eps, s, r, p, h, sources):
     """Apply the optional output norm, save what backward needs, return (o, p) shaped like the sources."""
     rh = None
     if w is not None:
         rh = rstd(h, eps)
         h.mul_(rh[:, None]).mul_(w)
-    ctx.first_source = first_source
     ctx.save_for_backward(qp, w, s, r, p, rh, *sources)
     shape = sources[0].shape
     return h.to(source_dtype(sources)).reshape(shape), p.reshape(len(sources), *shape[:-1])
 
 
-def _read_backward(ctx, dy: Tensor | None, dp_out: Tensor | None):
+def _read_backward(ctx, dy: Tensor | None, dp_out: Tensor | None, needs: Needs):
     """Gradient of the joint-softmax read w.r.t. (q', w, *sources), from the saved statistics."""
     qp, w, s, r, p, rh, *sources = ctx.saved_tensors
     ct, d = qp.dtype, qp.shape[0]
-    needs = ctx.needs_input_grad
     dw = None
     if dy is None:
         dh = torch.zeros(p.shape[1], d, dtype=ct, device=qp.device)
@@ -81,7 +80,7 @@ def _read_backward(ctx, dy: Tensor | None, dp_out: Tensor | None):
         if w is not None:
             hn = _mix(sources, p, ct).mul_(rh[:, None])  # h * r_h, recomputed
             dyw = dh * w
-            dw = (dh * hn).sum(0) if needs[1] else None
+            dw = (dh * hn).sum(0) if needs.w else None
             coef = torch.linalg.vecdot(hn, dyw).div_(d)
             dh = dyw.sub_(hn.mul_(coef[:, None])).mul_(rh[:, None])
     dp = torch.empty_like(p)
@@ -92,13 +91,13 @@ def _read_backward(ctx, dy: Tensor | None, dp_out: Tensor | None):
     ds = p * (dp - (p * dp).sum(0, keepdim=True))
     c1 = ds * r  # coefficient of q' in dv, and of v in dq'
     c2 = ds * s * r * r / -d  # coefficient of v in dv
-    dqp = torch.zeros_like(qp) if needs[0] else None
+    dqp = torch.zeros_like(qp) if needs.qp else None
     grads = []
     for i, v in enumerate(sources):
         vf = _flat(v, ct)
         if dqp is not None:
             dqp.addmv_(vf.t(), c1[i])
-        if needs[ctx.first_source + i]:
+        if needs.sources[i]:
             dv = dh * p[i, :, None]
             dv.addr_(c1[i], qp)
             dv.addcmul_(vf, c2[i, :, None])
@@ -112,13 +111,16 @@ class _AttnResRead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qp: Tensor, w: Tensor | None, eps: float, *sources: Tensor):
         s, r, p = _stats(sources, qp, eps)
-        return _finish_forward(ctx, qp, w, eps, s, r, p, _mix(sources, p, qp.dtype), sources, 3)
+        return _finish_forward(ctx, qp, w, eps, s, r, p, _mix(sources, p, qp.dtype), sources)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy: Tensor | None, dp_out: Tensor | None):
-        dqp, dw, grads = _read_backward(ctx, dy, dp_out)
-        return dqp, dw, None, *grads
+        dqp, dw, grads = _read_backward(ctx, dy, dp_out, _SLOTS.needs(ctx))
+        return _SLOTS.grads(dqp, dw, grads)
+
+
+_SLOTS = Slots.of_function(_AttnResRead.forward)
 
 
 def attn_res(
@@ -168,5 +170,5 @@ def read(qp: Tensor, w: Tensor | None, eps: float, sources: Sequence[Tensor]) ->
 
         return triton_read(qp, w, eps, sources)
     if impl == CPU:
-        return cpu_kernel.CpuRead.apply(qp.contiguous(), None if w is None else w.contiguous(), eps, *sources)
+        return cpu_kernel.read(qp, w, eps, sources)
     return _AttnResRead.apply(qp, w, eps, *sources)

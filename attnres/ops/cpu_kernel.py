@@ -6,6 +6,17 @@ built, so no forward blocks on it; about a minute, once; cached under ``TORCH_EX
 turns it off (:func:`set_enabled` at run time); if the build fails one warning is printed and the
 PyTorch implementation, which computes the same function, is used. ``attnres.ops.dispatch`` decides
 which reads it takes.
+
+Sources may be fp32, bf16 or fp16, each its own dtype (math in fp32), or all fp64 (math in fp64).
+
+Two entry points to the same C++ functions:
+- eager: :class:`CpuRead`, an autograd.Function calling the pybind functions (the least overhead per call);
+- ``torch.compile``: the ``torch.library`` ops ``attnres::read_forward`` (autograd registered: its
+  backward is ``attnres::read_backward``) and ``attnres::read_stacked`` (no-grad, a stacked bank), with
+  fake kernels, so a compiled graph calls the fused kernel instead of tracing PyTorch ops. The schemas
+  are defined here at import, whether or not the kernel builds; the C++ extension adds their CPU
+  kernels when it loads. :func:`set_compiled` (default on) lets a compiled model trace the PyTorch ops
+  instead, for comparison.
 """
 
 from __future__ import annotations
@@ -23,10 +34,14 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ._checks import source_dtype
+from .grads import Needs, Slots
+
 _SOURCE = Path(__file__).with_name("csrc") / "read_cpu.cpp"
 _FLAGS = ["-O3", "-march=native", "-fopenmp-simd"]
 _lock = threading.Lock()
 _ext = None
+_built = False  # _ext is loaded (a bool, for torch.compile's guards)
 _failed: str | None = None
 
 
@@ -63,7 +78,7 @@ def prepare() -> bool:
 
 def load():
     """The compiled extension, building it on first call; None if disabled or the build failed."""
-    global _ext, _failed
+    global _ext, _built, _failed
     if _ext is not None or _failed is not None or not _enabled:
         return _ext
     with _lock:
@@ -79,6 +94,7 @@ def load():
                 _ext = cpp_extension.load(
                     name=name, sources=[str(_SOURCE)], extra_cflags=_FLAGS, verbose=False,
                 )
+                _built = True
             except Exception as e:  # no compiler, no headers, ...: the PyTorch path still works
                 _failed = f"{type(e).__name__}: {e}"
                 warnings.warn(f"attnres: the fused CPU read did not build, using PyTorch ops ({_failed[:300]})",
@@ -92,14 +108,113 @@ def unavailable_reason() -> str | None:
     return _failed
 
 
+_compiled = True  # torch.compile calls the ops (else it traces the PyTorch read)
+
+
+def set_compiled(flag: bool) -> None:
+    """Whether ``torch.compile`` calls the fused kernel (the ``attnres::`` ops; default) or traces the
+    PyTorch read for inductor to fuse. Read when a model is compiled (a change recompiles)."""
+    global _compiled
+    _compiled = bool(flag)
+
+
+_F32_SOURCES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def usable(qp: Tensor, sources: Sequence[Tensor], w: Tensor | None = None) -> bool:
-    """Whether the fused kernel can take this read (CPU, one fp32/fp64 dtype, contiguous sources)."""
+    """Whether the fused kernel can take this read: CPU, contiguous sources, a query ``qp`` (and gain
+    ``w``) in fp32 with fp32/bf16/fp16 sources (any mix) or in fp64 with fp64 sources. Inside
+    ``torch.compile`` only if the kernel is already built (an AttnRes model builds it when it is made)."""
     if qp.device.type != "cpu" or _failed is not None or not _enabled:
         return False
-    dt = qp.dtype
-    if dt not in (torch.float32, torch.float64) or (w is not None and (w.device.type != "cpu" or w.dtype != dt)):
+    if torch.compiler.is_compiling() and not (_compiled and _built):
         return False
-    return all(v.dtype == dt and v.device.type == "cpu" and v.is_contiguous() for v in sources) and load() is not None
+    dt = qp.dtype
+    if w is not None and (w.device.type != "cpu" or w.dtype != dt):
+        return False
+    if dt == torch.float32:
+        ok = all(v.dtype in _F32_SOURCES and v.device.type == "cpu" and v.is_contiguous() for v in sources)
+    elif dt == torch.float64:
+        ok = all(v.dtype == dt and v.device.type == "cpu" and v.is_contiguous() for v in sources)
+    else:
+        return False
+    return ok and (_built if torch.compiler.is_compiling() else load() is not None)
+
+
+# ---- the torch.library ops: schemas and fake kernels (the CPU kernels come from the extension) ----
+
+torch.library.define(
+    "attnres::read_forward",
+    "(Tensor qp, Tensor? w, float eps, Tensor[] sources) -> (Tensor o, Tensor s, Tensor r, Tensor p, Tensor rh)",
+)
+torch.library.define("attnres::read_stacked", "(Tensor qp, Tensor? w, float eps, Tensor bank) -> Tensor")
+torch.library.define(
+    "attnres::read_backward",
+    "(Tensor qp, Tensor? w, Tensor s, Tensor r, Tensor p, Tensor rh, Tensor dy, Tensor? dp_out, Tensor[] sources, "
+    "bool need_dq, bool need_dw, bool[] need_dv) -> (Tensor dq, Tensor dw, Tensor[] dv)",
+)
+OPS = torch.ops.attnres
+
+
+@torch.library.register_fake("attnres::read_forward")
+def _read_forward_fake(qp, w, eps, sources):
+    n = sources[0].numel() // qp.shape[0]
+    o = torch.empty(sources[0].shape, dtype=source_dtype(sources), device=qp.device)
+    s, r, p = (qp.new_empty(len(sources), n) for _ in range(3))
+    return o, s, r, p, qp.new_empty(n if w is not None else 0)
+
+
+@torch.library.register_fake("attnres::read_stacked")
+def _read_stacked_fake(qp, w, eps, bank):
+    return bank.new_empty(bank.shape[1:])
+
+
+@torch.library.register_fake("attnres::read_backward")
+def _read_backward_fake(qp, w, s, r, p, rh, dy, dp_out, sources, need_dq, need_dw, need_dv):
+    d = qp.shape[0]
+    dq = qp.new_empty(d if need_dq else 0)
+    dw = qp.new_empty(d if need_dw and w is not None else 0)
+    return dq, dw, [torch.empty_like(v, memory_format=torch.contiguous_format)
+                    for v, need in zip(sources, need_dv, strict=True) if need]
+
+
+_OP_SLOTS = Slots.of_op(OPS.read_forward.default)
+
+
+def _op_setup_context(ctx, inputs, output):
+    qp, w, _eps, sources = inputs
+    _o, s, r, p, rh = output
+    ctx.mark_non_differentiable(s, r, rh)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(qp, w, s, r, p, rh, *sources)
+
+
+def _op_backward(ctx, do, ds, dr, dp, drh):
+    dqp, dw, grads = backward(ctx, do, dp, _OP_SLOTS.needs(ctx))
+    return _OP_SLOTS.grads(dqp, dw, grads)
+
+
+torch.library.register_autograd("attnres::read_forward", _op_backward, setup_context=_op_setup_context)
+
+
+# ---- the read ----
+
+def read(qp: Tensor, w: Tensor | None, eps: float, sources: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """``(o, p)`` of the read (as ``attn_res._AttnResRead.apply(qp, w, eps, *sources)``), fused; the op
+    when compiling, else the autograd.Function."""
+    qp = qp.contiguous()
+    w = None if w is None else w.contiguous()
+    if torch.compiler.is_compiling():
+        o, _s, _r, p, _rh = OPS.read_forward(qp, w, float(eps), list(sources))
+        return o, p.view(len(sources), *sources[0].shape[:-1])
+    return CpuRead.apply(qp, w, eps, *sources)
+
+
+def read_stacked(qp: Tensor, w: Tensor | None, eps: float, bank: Tensor) -> Tensor:
+    """The read's output over the sources stacked in a contiguous ``bank`` [L, ..., D] (no autograd)."""
+    if torch.compiler.is_compiling():
+        return OPS.read_stacked(qp, w, float(eps), bank)
+    return _ext.read_forward_stacked(qp, w, eps, bank)
 
 
 class CpuRead(torch.autograd.Function):
@@ -115,19 +230,27 @@ class CpuRead(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy: Tensor | None, dp_out: Tensor | None):
-        dqp, dw, grads = backward(ctx, dy, dp_out, first_source=3)
-        return dqp, dw, None, *grads
+        dqp, dw, grads = backward(ctx, dy, dp_out, _SLOTS.needs(ctx))
+        return _SLOTS.grads(dqp, dw, grads)
 
 
-def backward(ctx, dy: Tensor | None, dp_out: Tensor | None, first_source: int):
+_SLOTS = Slots.of_function(CpuRead.forward)
+
+
+def backward(ctx, dy: Tensor | None, dp_out: Tensor | None, needs: Needs):
     """(dqp, dw, source grads) from statistics saved as (qp, w, s, r, p, rh, *sources)."""
     qp, w, s, r, p, rh, *sources = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    dy = torch.zeros_like(sources[0]) if dy is None else dy.contiguous()
+    if dy is None:
+        dy = torch.zeros(sources[0].shape, dtype=source_dtype(sources), device=qp.device)
     dp_out = None if dp_out is None else dp_out.contiguous()
-    dq, dw, *grads = _ext.read_backward(
-        qp, w, s, r, p, rh if rh is not None else s.new_empty(0), dy, dp_out, list(sources),
-        needs[0], needs[1], [bool(needs[first_source + i]) for i in range(len(sources))],
-    )
-    return (dq if needs[0] else None, dw if needs[1] and w is not None else None,
-            [g if needs[first_source + i] else None for i, g in enumerate(grads)])
+    need_dw = needs.w and w is not None
+    rh = s.new_empty(0) if rh is None else rh  # the merged read's forward saves None without a gain
+    if torch.compiler.is_compiling():
+        dq, dw, given = OPS.read_backward(qp, w, s, r, p, rh, dy.contiguous(), dp_out, list(sources),
+                                          needs.qp, need_dw, list(needs.sources))
+    else:
+        dq, dw, given = _ext.read_backward(qp, w, s, r, p, rh, dy.contiguous(), dp_out, list(sources),
+                                           needs.qp, need_dw, list(needs.sources))
+    given = iter(given)
+    grads = [next(given) if need else None for need in needs.sources]
+    return (dq if needs.qp else None, dw if need_dw else None, grads)

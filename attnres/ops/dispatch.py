@@ -1,9 +1,10 @@
 """Which implementation runs a read: one decision, from explicit inputs.
 
-- inside ``torch.compile``: the PyTorch ops (inductor fuses them; the extensions are opaque to it);
-- CUDA tensors: the Triton kernel (``triton_read``) when Triton is installed;
-- CPU: the fused C++ kernel (``cpu_kernel``) for contiguous fp32/fp64 sources of one dtype, when it
-  is built and not turned off;
+- CUDA tensors: the Triton kernel (``triton_read``) when Triton is installed; inside ``torch.compile``
+  the PyTorch ops (inductor fuses them; the Triton read is not an op yet);
+- CPU: the fused C++ kernel (``cpu_kernel``) for contiguous sources (fp32/bf16/fp16 in any mix, or all
+  fp64) when it is built and not turned off; inside ``torch.compile`` through its ``attnres::`` custom
+  ops, unless ``cpu_kernel.set_compiled(False)``;
 - otherwise the PyTorch ops (``attn_res._AttnResRead``), which compute the same function.
 """
 
@@ -21,9 +22,9 @@ TORCH, CPU, TRITON = "torch", "cpu", "triton"
 
 def read_impl(qp: Tensor, sources: Sequence[Tensor], w: Tensor | None = None) -> str:
     """The implementation for a read of folded query ``qp`` over ``sources`` (output gain ``w``)."""
-    if torch.compiler.is_compiling():
-        return TORCH
     if qp.is_cuda:
+        if torch.compiler.is_compiling():
+            return TORCH
         from .triton_read import TRITON_AVAILABLE
 
         return TRITON if TRITON_AVAILABLE else TORCH

@@ -33,6 +33,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ._checks import source_dtype
+from .grads import Slots
 
 try:
     import triton
@@ -382,11 +383,11 @@ class _TritonRead(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy: Tensor | None, dp_out: Tensor | None):
         qp, w, s, r, p, rh, *flat = ctx.saved_tensors
-        needs = ctx.needs_input_grad
+        needs = _SLOTS.needs(ctx)
         ct, d, (L, n), dev = qp.dtype, qp.shape[0], p.shape, qp.device
         dy = torch.zeros(n, d, dtype=ct, device=dev) if dy is None else dy.reshape(n, d).contiguous()
         dpo = None if dp_out is None else dp_out.reshape(L, n).to(ct).contiguous()
-        grads = [torch.empty(n, d, dtype=f.dtype, device=dev) if needs[3 + i] else None for i, f in enumerate(flat)]
+        grads = [torch.empty(n, d, dtype=f.dtype, device=dev) if needs.sources[i] else None for i, f in enumerate(flat)]
         bn, bd, warps = _config(n, d)
         one_chunk = d <= bd
         n_blocks = triton.cdiv(n, bn)
@@ -403,9 +404,12 @@ class _TritonRead(torch.autograd.Function):
                     KINDS=sum({_KIND[f.dtype] for f in flat}), ALIGNED=aligned, HAS_W=w is not None,
                     HAS_DP=dpo is not None, ONE_CHUNK=one_chunk, BN=bn, BD=bd, num_warps=warps,
                 )  # fmt: skip
-        dqp = dq_part.sum(0) if needs[0] else None
-        dw = dw_part.sum(0) if w is not None and needs[1] else None
-        return dqp, dw, None, *(None if g is None else g.view(ctx.shape) for g in grads)
+        dqp = dq_part.sum(0) if needs.qp else None
+        dw = dw_part.sum(0) if w is not None and needs.w else None
+        return _SLOTS.grads(dqp, dw, [None if g is None else g.view(ctx.shape) for g in grads])
+
+
+_SLOTS = Slots.of_function(_TritonRead.forward)
 
 
 def triton_read(qp: Tensor, w: Tensor | None, eps: float, sources: Sequence[Tensor]) -> tuple[Tensor, Tensor]:

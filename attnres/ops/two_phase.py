@@ -24,6 +24,7 @@ from . import cpu_kernel
 from ._checks import compute_dtype, source_dtype
 from .attn_res import _finish_forward, _flat, _read_backward, rstd
 from .dispatch import CPU, read_impl
+from .grads import Slots
 
 
 @dataclass
@@ -80,16 +81,20 @@ class _MergedRead(torch.autograd.Function):
             s, r = torch.cat([inter.s, s_p[None]]), torch.cat([inter.r, r_p[None]])
         p = torch.exp(s - big).div_(z)
         ctx.fused_backward = read_impl(qp, sources, w) == CPU
-        return _finish_forward(ctx, qp, w, eps, s, r, p, h, sources, 4)
+        return _finish_forward(ctx, qp, w, eps, s, r, p, h, sources)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy: Tensor | None, dp_out: Tensor | None):
+        needs = _SLOTS.needs(ctx)
         if ctx.fused_backward:
-            dqp, dw, grads = cpu_kernel.backward(ctx, dy, dp_out, first_source=4)
+            dqp, dw, grads = cpu_kernel.backward(ctx, dy, dp_out, needs)
         else:
-            dqp, dw, grads = _read_backward(ctx, dy, dp_out)
-        return dqp, dw, None, None, *grads
+            dqp, dw, grads = _read_backward(ctx, dy, dp_out, needs)
+        return _SLOTS.grads(dqp, dw, grads)
+
+
+_SLOTS = Slots.of_function(_MergedRead.forward)
 
 
 def merged_read(

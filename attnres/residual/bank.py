@@ -54,7 +54,7 @@ def read(state: State, v: Tensor, qp: Tensor | None, norm: nn.Module, eps: float
         y = v.sum(0)
         y = F.rms_norm(y, (d,), w, eps) if fuse else y
     elif read_impl(qp, [v]) == CPU:
-        y = cpu_kernel.load().read_forward_stacked(qp, w, eps, v)
+        y = cpu_kernel.read_stacked(qp, w, eps, v)
     else:
         p = torch.softmax(F.rms_norm(v, (d,), eps=eps) @ qp, dim=0)
         y = (p.unsqueeze(-1) * v).sum(0)

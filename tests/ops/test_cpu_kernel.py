@@ -54,16 +54,19 @@ def test_dispatch(monkeypatch):
     q = torch.randn(8)
     attn_res(q, src)
     assert len(calls) == 1  # fp32, contiguous, CPU
-    attn_res(q, [s.bfloat16() for s in src])  # bf16: the PyTorch path
+    attn_res(q, [s.bfloat16() for s in src])  # bf16: fused, fp32 math
+    attn_res(q, [s.half() for s in src])  # fp16
+    attn_res(q, [src[0], src[1].bfloat16(), src[2].half()])  # fp32 embedding + 16-bit outputs, read in place
+    assert len(calls) == 4
     attn_res(q, [s.t().contiguous().t() for s in [torch.randn(8, 8) for _ in range(3)]])  # non-contiguous
-    attn_res(q, [src[0], src[1].double(), src[2]])  # mixed dtypes
-    assert len(calls) == 1
+    attn_res(q, [src[0], src[1].double(), src[2]])  # fp32 + fp64: fp64 math, the PyTorch path
+    assert len(calls) == 4
     cpu_kernel.set_enabled(False)
     try:
         attn_res(q, src)
     finally:
         cpu_kernel.set_enabled(True)
-    assert len(calls) == 1
+    assert len(calls) == 4
 
 
 def test_fused_read_is_the_same_with_several_threads():
@@ -106,3 +109,116 @@ def test_gain_on_another_device_or_dtype_takes_the_pytorch_path():
     q, src = torch.randn(8), [torch.randn(3, 8) for _ in range(2)]
     assert cpu_kernel.usable(q, src) and not cpu_kernel.usable(q, src, torch.ones(8, dtype=F64))
     assert not cpu_kernel.usable(q, src, torch.ones(8, device="meta"))
+
+
+# ---- 16-bit and mixed sources: fp32 math inside, outputs in the sources' (promoted) dtype ----
+
+BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
+# |kernel - float64 reference on the same 16-bit values|: a 16-bit result carries one rounding
+# (half an ulp: 2^-9 relative for bf16, 2^-12 for fp16) on top of fp32 math; fp32 results only the math.
+TOL = {BF16: dict(rtol=2**-7, atol=1e-5), F16: dict(rtol=2**-10, atol=1e-5), F32: dict(rtol=1e-5, atol=1e-5)}
+TOL_SUM = dict(rtol=1e-4, atol=1e-4)  # dq', dw: fp32 sums over every token and source
+
+
+def _sources(mode, n, shape, gen):
+    """n sources of ``shape``: all bf16, all fp16, or an fp32 embedding then bf16 (as under autocast)."""
+    dts = {"bf16": [BF16] * n, "f16": [F16] * n, "mixed": [F32] + [BF16] * (n - 1)}[mode]
+    return [(torch.randn(shape, generator=gen) * (1 + i)).to(dt) for i, dt in enumerate(dts)]
+
+
+def check_16bit_read(read, mode, n, shape, output_norm, seed=0):
+    """``read(q, w, eps, sources) -> (o, p)`` against naive_attn_res in float64 on the same values:
+    forward, p, and the gradient of every input (one source without one)."""
+    gen = torch.Generator().manual_seed(seed)
+    d = shape[-1]
+    src = _sources(mode, n, shape, gen)
+    q = (torch.randn(d, generator=gen) / 3).requires_grad_()
+    w = (1 + 0.1 * torch.randn(d, generator=gen)).requires_grad_(output_norm)
+    wo = w if output_norm else None
+    for i, s in enumerate(src):
+        s.requires_grad_(i != 1 or n == 1)
+    out_dt = src[0].dtype if mode != "mixed" else F32
+    dy = torch.randn(shape, generator=gen).to(out_dt)
+    dpo = torch.randn(n, *shape[:-1], generator=gen)
+    o, p = read(q, wo, 1e-6, src)
+    assert o.dtype == out_dt and p.dtype == F32 and o.shape == shape
+    leaves = [q, *(s for s in src if s.requires_grad)] + ([w] if output_norm else [])
+    got = torch.autograd.grad([o, p], leaves, [dy, dpo])
+
+    src64 = [s.detach().double().requires_grad_(s.requires_grad) for s in src]
+    q64, w64 = q.detach().double().requires_grad_(), w.detach().double().requires_grad_(output_norm)
+    o64, p64 = naive_attn_res(q64, src64, output_rms_weight=w64 if output_norm else None, rms_eps=1e-6,
+                              return_weights=True)
+    leaves64 = [q64, *(s for s in src64 if s.requires_grad)] + ([w64] if output_norm else [])
+    want = torch.autograd.grad([o64, p64], leaves64, [dy.double(), dpo.double()])
+    torch.testing.assert_close(o.double(), o64, **TOL[out_dt])
+    torch.testing.assert_close(p.double(), p64, **TOL[F32])
+    for leaf, g, g64 in zip(leaves, got, want, strict=True):
+        assert g.dtype == leaf.dtype
+        tol = TOL_SUM if leaf is q or leaf is w else TOL[leaf.dtype]
+        torch.testing.assert_close(g.double(), g64, **tol)
+
+
+@pytest.mark.parametrize("mode", ["bf16", "f16", "mixed"])
+@pytest.mark.parametrize("d", [1, 15, 33, 100])  # tails of the 16-float vectors, and one full block + tail
+@pytest.mark.parametrize("n, shape", [(1, (1, 1)), (2, (2, 19)), (9, (3, 5)), (9, (1,))])  # T = 1 twice
+@pytest.mark.parametrize("output_norm", [False, True])
+def test_fused_read_16bit_and_mixed_sources_against_float64_reference(mode, d, n, shape, output_norm):
+    check_16bit_read(lambda q, w, eps, s: cpu_kernel.CpuRead.apply(q, w, eps, *s), mode, n, (*shape, d),
+                     output_norm, seed=d * 10 + n)
+
+
+def test_fused_read_16bit_no_grad_and_public_op(monkeypatch):
+    """Without autograd (prefill/decode) the same kernel runs; attn_res dispatches 16-bit reads to it."""
+    calls = []
+    real = cpu_kernel.CpuRead.apply
+    monkeypatch.setattr(cpu_kernel.CpuRead, "apply", lambda *a: calls.append(1) or real(*a))
+    gen = torch.Generator().manual_seed(3)
+    src = _sources("mixed", 4, (2, 7, 40), gen)
+    q, g, w = torch.randn(40, generator=gen), torch.rand(40, generator=gen) + 0.5, torch.rand(40, generator=gen) + 0.5
+    with torch.no_grad():
+        o = attn_res(q, src, rms_weight=g, output_rms_weight=w, scale=0.7)
+    want = naive_attn_res(q.double(), [s.double() for s in src], rms_weight=g.double(), output_rms_weight=w.double(),
+                          scale=0.7)
+    assert calls == [1] and o.dtype == F32
+    torch.testing.assert_close(o.double(), want, **TOL[F32])
+    for dt in (BF16, F16):
+        with torch.no_grad():
+            o = attn_res(q, [s.to(dt) for s in src], output_rms_weight=w)
+        want = naive_attn_res(q.double(), [s.to(dt).double() for s in src], output_rms_weight=w.double())
+        assert o.dtype == dt
+        torch.testing.assert_close(o.double(), want, **TOL[dt])
+    assert len(calls) == 3
+
+
+def test_fused_read_bf16_rounds_like_torch():
+    """The output's fp32 -> bf16 rounding is round-to-nearest-even, as ``Tensor.to(torch.bfloat16)``
+    (the fp32 result of a single source with p = 1 is the source itself: compare a rounded gain)."""
+    gen = torch.Generator().manual_seed(4)
+    v = torch.randn(3, 64, generator=gen).bfloat16()
+    w = torch.randn(64, generator=gen) * 3  # y = v * rstd(v) * w, rounded once to bf16
+    o, _ = cpu_kernel.CpuRead.apply(torch.zeros(64), w, 1e-6, v)
+    vf = v.float()
+    want = (vf * torch.rsqrt(vf.pow(2).mean(-1, keepdim=True) + 1e-6) * w).bfloat16()
+    assert (o.float() - want.float()).abs().max() <= (want.float().abs() * 2**-8).max()
+    assert (o == want).float().mean() > 0.99  # ties of fp32-rounding apart, bit-equal
+
+
+@pytest.mark.parametrize("mode", ["bf16", "f16", "mixed"])
+@pytest.mark.parametrize("n, shape", [(1, (1, 1, 33)), (2, (2, 19, 17)), (9, (3, 5, 100))])
+@pytest.mark.parametrize("output_norm", [False, True])
+def test_merged_read_fused_backward_16bit_and_mixed(mode, n, shape, output_norm, monkeypatch):
+    """Block's two-phase read (PyTorch forward, fused backward) on 16-bit and mixed sources."""
+    from attnres.ops import key_rstd, merged_read, phase1
+
+    calls = []
+    real = cpu_kernel.backward
+    monkeypatch.setattr(cpu_kernel, "backward", lambda *a: calls.append(1) or real(*a))
+
+    def read(q, w, eps, src):
+        blocks, partial = (src[:-1], src[-1]) if len(src) > 1 else (src, None)
+        inter = phase1(q[None], blocks, [key_rstd(b, eps) for b in blocks])[0]
+        return merged_read(q, inter, blocks, partial, w, eps)
+
+    check_16bit_read(read, mode, n, shape, output_norm, seed=n)
+    assert calls == [1]

@@ -2,22 +2,31 @@
 // A token's L rows of D values stay in cache between the sweeps (statistics, then mixing), so
 // each source row is read from memory once in the forward and once in the backward.
 // Same math and saved statistics as attnres/ops/attn_res.py (see its docstring).
+//
+// Math in T = float (double when every source is double). Each source keeps its own dtype (float,
+// bfloat16 or half with T = float), converted to T as it is loaded, so mixed sources (an fp32
+// embedding next to bf16 sublayer outputs under autocast) are read in place, never copied. The output
+// has the sources' promoted dtype, each source gradient its source's dtype; statistics are in T.
+//
+// Two bindings of the same functions: pybind (the eager autograd.Function calls these directly) and
+// the CPU kernels of the torch.library ops attnres::read_forward / read_backward / read_stacked, whose
+// schemas, fake kernels and autograd are defined in attnres/ops/cpu_kernel.py (torch.compile calls them).
 #include <torch/extension.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
-template <typename T>
-std::vector<const T*> pointers(const std::vector<torch::Tensor>& sources) {
-  std::vector<const T*> out;
-  out.reserve(sources.size());
-  for (const auto& v : sources) out.push_back(v.data_ptr<T>());
-  return out;
-}
+using at::Tensor;
+using bf16 = uint16_t;  // the bits of at::BFloat16
+using f16 = _Float16;   // the bits of at::Half (IEEE binary16)
 
 // 64-byte vectors (GCC/Clang vector extensions): 16 floats or 8 doubles, in registers.
 template <typename T>
@@ -28,17 +37,80 @@ template <typename T>
 using vec = typename Vec<T>::type;
 template <typename T>
 constexpr int64_t W = 64 / sizeof(T);
+// W<T> elements of storage type S (32 bytes for 2-byte S next to a float vector).
+template <typename S, typename T>
+struct Pack {
+  typedef S type __attribute__((vector_size(sizeof(S) * W<T>)));
+};
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
 
-template <typename T>
-inline vec<T> load(const T* p) {
-  vec<T> v;
-  __builtin_memcpy(&v, p, sizeof v);
-  return v;
+template <typename T, typename S>
+inline T up(S x) {
+  if constexpr (std::is_same_v<S, bf16>) {
+    const uint32_t u = uint32_t(x) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  } else {
+    return static_cast<T>(x);
+  }
 }
-template <typename T>
-inline void store(T* p, vec<T> v) {
-  __builtin_memcpy(p, &v, sizeof v);
+
+// Round to nearest even, as c10::BFloat16 does (NaN -> 0x7fc0).
+inline bf16 round_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return f != f ? bf16(0x7fc0) : bf16(r);
 }
+
+template <typename O, typename T>
+inline O down(T x) {
+  if constexpr (std::is_same_v<O, bf16>) {
+    return round_bf16(x);
+  } else {
+    return static_cast<O>(x);
+  }
+}
+
+template <typename T, typename S>
+inline vec<T> load(const S* p) {
+  if constexpr (std::is_same_v<S, T>) {
+    vec<T> v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  } else {
+    typename Pack<S, T>::type h;
+    std::memcpy(&h, p, sizeof h);
+    if constexpr (std::is_same_v<S, bf16>) {
+      const u32x16 u = __builtin_convertvector(h, u32x16) << 16;
+      vec<T> v;
+      std::memcpy(&v, &u, sizeof v);
+      return v;
+    } else {
+      return __builtin_convertvector(h, vec<T>);
+    }
+  }
+}
+
+template <typename T, typename O>
+inline void store(O* p, vec<T> v) {
+  if constexpr (std::is_same_v<O, T>) {
+    std::memcpy(p, &v, sizeof v);
+  } else if constexpr (std::is_same_v<O, bf16>) {
+    u32x16 u;
+    std::memcpy(&u, &v, sizeof u);
+    u32x16 r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const u32x16 nan = (u32x16)(v != v);
+    r = (r & ~nan) | (nan & 0x7fc0u);
+    const auto h = __builtin_convertvector(r, typename Pack<bf16, T>::type);
+    std::memcpy(p, &h, sizeof h);
+  } else {
+    const auto h = __builtin_convertvector(v, typename Pack<O, T>::type);
+    std::memcpy(p, &h, sizeof h);
+  }
+}
+
 template <typename T>
 inline T hsum(vec<T> v) {
   T out = 0;
@@ -46,11 +118,54 @@ inline T hsum(vec<T> v) {
   return out;
 }
 
+// The sources: a pointer and a storage kind each (0: T, 1: bfloat16, 2: half), and the indices of
+// each kind, so a loop over the sources runs one branch-free inner loop per kind.
+template <typename T>
+struct Sources {
+  std::vector<const void*> ptr;
+  std::vector<int> kind;
+  std::vector<int64_t> of[3];
+  int64_t size() const { return static_cast<int64_t>(ptr.size()); }
+};
+
+template <typename T>
+int kind_of(at::ScalarType st) {
+  if (st == c10::CppTypeToScalarType<T>::value) return 0;
+  if constexpr (std::is_same_v<T, float>) {
+    if (st == at::kBFloat16) return 1;
+    if (st == at::kHalf) return 2;
+  }
+  return -1;
+}
+
+// Calls f with a null pointer of the storage type of kind k.
+template <typename T, typename F>
+inline void visit(int k, F&& f) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (k == 1) return f(static_cast<const bf16*>(nullptr));
+    if (k == 2) return f(static_cast<const f16*>(nullptr));
+  }
+  f(static_cast<const T*>(nullptr));
+}
+#define ATTNRES_STORAGE(tag) std::remove_const_t<std::remove_pointer_t<decltype(tag)>>
+
+template <typename T>
+Sources<T> gather(at::TensorList sources) {
+  Sources<T> v;
+  for (int64_t i = 0; i < static_cast<int64_t>(sources.size()); ++i) {
+    const int k = kind_of<T>(sources[i].scalar_type());
+    v.ptr.push_back(sources[i].data_ptr());
+    v.kind.push_back(k);
+    v.of[k].push_back(i);
+  }
+  return v;
+}
+
 // (<a, a>, <a, b>) over d elements: two independent accumulators per product. With ``ahead``,
 // prefetches the row that follows a (the next token's row of the same source): rows are often a
 // page each, where the hardware prefetcher stops.
-template <typename T>
-std::pair<T, T> dots(const T* a, const T* b, int64_t d, bool square, bool ahead = false) {
+template <typename T, typename S>
+std::pair<T, T> dots(const S* a, const T* b, int64_t d, bool square, bool ahead = false) {
   const int64_t w = W<T>, full = d - d % (2 * w);
   vec<T> s0 = {}, s1 = {}, p0 = {}, p1 = {};
   for (int64_t k = 0; k < full; k += 2 * w) {
@@ -58,93 +173,135 @@ std::pair<T, T> dots(const T* a, const T* b, int64_t d, bool square, bool ahead 
       __builtin_prefetch(a + d + k);
       __builtin_prefetch(a + d + k + w);
     }
-    const vec<T> x0 = load(a + k), x1 = load(a + k + w);
+    const vec<T> x0 = load<T>(a + k), x1 = load<T>(a + k + w);
     if (square) {
       s0 += x0 * x0;
       s1 += x1 * x1;
     }
-    p0 += x0 * load(b + k);
-    p1 += x1 * load(b + k + w);
+    p0 += x0 * load<T>(b + k);
+    p1 += x1 * load<T>(b + k + w);
   }
   T ss = hsum<T>(s0 + s1), sp = hsum<T>(p0 + p1);
   for (int64_t k = full; k < d; ++k) {
-    ss += a[k] * a[k];
-    sp += a[k] * b[k];
+    const T x = up<T>(a[k]);
+    ss += x * x;
+    sp += x * b[k];
   }
   return {ss, sp};
 }
 
 template <typename T>
 T dot(const T* a, const T* b, int64_t d) {
-  return dots(a, b, d, false).second;
+  return dots<T, T>(a, b, d, false).second;
+}
+
+template <typename T, typename S>
+inline void mix_kind(vec<T>& a0, vec<T>& a1, const Sources<T>& v, int k, int64_t off, const T* p, int64_t n) {
+  for (const int64_t i : v.of[k]) {
+    const T pi = p[i * n];
+    const S* x = static_cast<const S*>(v.ptr[i]) + off;
+    a0 += pi * load<T>(x);
+    a1 += pi * load<T>(x + W<T>);
+  }
 }
 
 // o = sum_i p[i * n] * v[i][off:off + d], blocked so each o element is written once.
 template <typename T>
-void mix(const std::vector<const T*>& v, int64_t off, const T* p, int64_t n, int64_t d, T* o) {
-  const int64_t L = v.size(), w = W<T>, full = d - d % (2 * w);
+void mix(const Sources<T>& v, int64_t off, const T* p, int64_t n, int64_t d, T* o) {
+  const int64_t w = W<T>, full = d - d % (2 * w);
   for (int64_t k = 0; k < full; k += 2 * w) {
     vec<T> a0 = {}, a1 = {};
-    for (int64_t i = 0; i < L; ++i) {
-      const T pi = p[i * n];
-      const T* x = v[i] + off + k;
-      a0 += pi * load(x);
-      a1 += pi * load(x + w);
+    mix_kind<T, T>(a0, a1, v, 0, off + k, p, n);
+    if constexpr (std::is_same_v<T, float>) {
+      mix_kind<T, bf16>(a0, a1, v, 1, off + k, p, n);
+      mix_kind<T, f16>(a0, a1, v, 2, off + k, p, n);
     }
-    store(o + k, a0);
-    store(o + k + w, a1);
+    store<T>(o + k, a0);
+    store<T>(o + k + w, a1);
   }
-  for (int64_t k = full; k < d; ++k) {
-    T acc = 0;
-    for (int64_t i = 0; i < L; ++i) acc += p[i * n] * v[i][off + k];
-    o[k] = acc;
+  for (int64_t k = full; k < d; ++k) o[k] = 0;
+  for (int64_t i = 0; i < v.size() && full < d; ++i) {
+    const T pi = p[i * n];
+    visit<T>(v.kind[i], [&](auto tag) {
+      using S = ATTNRES_STORAGE(tag);
+      const S* x = static_cast<const S*>(v.ptr[i]) + off;
+      for (int64_t k = full; k < d; ++k) o[k] += pi * up<T>(x[k]);
+    });
   }
 }
 
-template <typename T>
-void forward_impl(const T* q, const T* w, double eps, const std::vector<const T*>& v, int64_t n, int64_t d,
-                  T* out, T* s, T* r, T* p, T* rh) {
+// y = x * scale (* w), converted to y's type.
+template <typename T, typename O>
+inline void put_row(O* y, const T* x, T scale, const T* w, int64_t d) {
+  const int64_t full = d - d % W<T>;
+  for (int64_t k = 0; k < full; k += W<T>) {
+    vec<T> v = load<T>(x + k) * scale;
+    if (w) v *= load<T>(w + k);
+    store<T>(y + k, v);
+  }
+  for (int64_t k = full; k < d; ++k) y[k] = down<O>(w ? x[k] * scale * w[k] : x[k] * scale);
+}
+
+template <typename T, typename O>
+void forward_impl(const T* q, const T* w, double eps, const Sources<T>& v, int64_t n, int64_t d, O* out, T* s,
+                  T* r, T* p, T* rh) {
   const int64_t L = v.size();
   const T e = static_cast<T>(eps);
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-    std::vector<T> h(d);
+    constexpr bool same = std::is_same_v<O, T>;
+    std::vector<T> h(w || !same ? d : 0);
     for (int64_t t = begin; t < end; ++t) {
       T m = -INFINITY;
       for (int64_t i = 0; i < L; ++i) {
-        const auto [ss, sq] = dots(v[i] + t * d, q, d, true, t + 1 < end);
-        const T ri = T(1) / std::sqrt(ss / d + e);
-        r[i * n + t] = ri;
-        s[i * n + t] = sq * ri;
-        m = std::max(m, sq * ri);
+        visit<T>(v.kind[i], [&](auto tag) {
+          using S = ATTNRES_STORAGE(tag);
+          const auto [ss, sq] = dots<T>(static_cast<const S*>(v.ptr[i]) + t * d, q, d, true, t + 1 < end);
+          const T ri = T(1) / std::sqrt(ss / d + e);
+          r[i * n + t] = ri;
+          s[i * n + t] = sq * ri;
+          m = std::max(m, sq * ri);
+        });
       }
       T z = 0;
       for (int64_t i = 0; i < L; ++i) z += (p[i * n + t] = std::exp(s[i * n + t] - m));
       for (int64_t i = 0; i < L; ++i) p[i * n + t] /= z;
-      T* o = w ? h.data() : out + t * d;
+      T* o = h.data();
+      if constexpr (same) {
+        if (!w) o = out + t * d;
+      }
       mix(v, t * d, p + t, n, d, o);
       if (w) {
         const T rr = T(1) / std::sqrt(dot(o, o, d) / d + e);
         rh[t] = rr;
-        T* y = out + t * d;
-#pragma omp simd
-        for (int64_t k = 0; k < d; ++k) y[k] = o[k] * rr * w[k];
+        put_row<T, O>(out + t * d, o, rr, w, d);
+      } else if constexpr (!same) {
+        put_row<T, O>(out + t * d, o, T(1), nullptr, d);
       }
     }
   });
 }
 
-template <typename T>
-void backward_impl(const T* q, const T* w, const std::vector<const T*>& v, int64_t n, int64_t d, const T* s,
-                   const T* r, const T* p, const T* rh, const T* dy, const T* dp_out, const std::vector<T*>& dv,
-                   T* dq_parts, T* dw_parts) {
+template <typename T, typename O>
+void backward_impl(const T* q, const T* w, const Sources<T>& v, int64_t n, int64_t d, const T* s, const T* r,
+                   const T* p, const T* rh, const O* dy, const T* dp_out, const std::vector<void*>& dv, T* dq_parts,
+                   T* dw_parts) {
   const int64_t L = v.size();
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    constexpr bool same = std::is_same_v<O, T>;
     const int64_t tid = at::get_thread_num();
     T* dq = dq_parts ? dq_parts + tid * d : nullptr;
     T* dw = dw_parts ? dw_parts + tid * d : nullptr;
-    std::vector<T> hn(w ? d : 0), dhb(w ? d : 0), dp(L);
+    std::vector<T> gb(same ? 0 : d), hn(w ? d : 0), dhb(w ? d : 0), dp(L);
     for (int64_t t = begin; t < end; ++t) {
-      const T* g = dy + t * d;
+      const T* g;
+      if constexpr (same) {
+        g = dy + t * d;
+      } else {
+        const O* gy = dy + t * d;
+#pragma omp simd
+        for (int64_t k = 0; k < d; ++k) gb[k] = up<T>(gy[k]);
+        g = gb.data();
+      }
       const T* dh = g;
       if (w) {  // through the output norm: h recomputed from the sources
         const T rr = rh[t];
@@ -166,101 +323,165 @@ void backward_impl(const T* q, const T* w, const std::vector<const T*>& v, int64
       }
       T mean = 0;
       for (int64_t i = 0; i < L; ++i) {
-        dp[i] = dot(v[i] + t * d, dh, d) + (dp_out ? dp_out[i * n + t] : T(0));
+        visit<T>(v.kind[i], [&](auto tag) {
+          using S = ATTNRES_STORAGE(tag);
+          dp[i] = dots<T>(static_cast<const S*>(v.ptr[i]) + t * d, dh, d, false).second +
+                  (dp_out ? dp_out[i * n + t] : T(0));
+        });
         mean += p[i * n + t] * dp[i];
       }
       for (int64_t i = 0; i < L; ++i) {
         const T pi = p[i * n + t], ri = r[i * n + t];
         const T ds = pi * (dp[i] - mean);
         const T c1 = ds * ri, c2 = -ds * s[i * n + t] * ri * ri / d;
-        const T* x = v[i] + t * d;
-        if (dv[i]) {
-          T* o = dv[i] + t * d;
+        visit<T>(v.kind[i], [&](auto tag) {
+          using S = ATTNRES_STORAGE(tag);
+          const S* x = static_cast<const S*>(v.ptr[i]) + t * d;
+          if (dv[i]) {
+            S* o = static_cast<S*>(dv[i]) + t * d;
 #pragma omp simd
-          for (int64_t k = 0; k < d; ++k) o[k] = pi * dh[k] + c1 * q[k] + c2 * x[k];
-        }
-        if (dq) {
+            for (int64_t k = 0; k < d; ++k) o[k] = down<S>(pi * dh[k] + c1 * q[k] + c2 * up<T>(x[k]));
+          }
+          if (dq) {
 #pragma omp simd
-          for (int64_t k = 0; k < d; ++k) dq[k] += c1 * x[k];
-        }
+            for (int64_t k = 0; k < d; ++k) dq[k] += c1 * up<T>(x[k]);
+          }
+        });
       }
     }
   });
 }
 
-void check(const torch::Tensor& qp, const c10::optional<torch::Tensor>& w, const std::vector<torch::Tensor>& sources) {
-  TORCH_CHECK(!sources.empty(), "attnres read: need at least one source");
-  TORCH_CHECK(!w || (w->device().is_cpu() && w->is_contiguous() && w->scalar_type() == qp.scalar_type() &&
-                     w->numel() == qp.numel()),
-              "attnres read: w must be a contiguous CPU [D] of qp's dtype");
-  TORCH_CHECK(qp.dim() == 1 && qp.size(0) > 0 && qp.is_contiguous() && qp.device().is_cpu(),
-              "attnres read: qp must be a contiguous CPU [D], D > 0");
-  for (const auto& v : sources) {
-    TORCH_CHECK(v.device().is_cpu() && v.is_contiguous() && v.scalar_type() == qp.scalar_type() &&
-                    v.numel() == sources[0].numel() && v.size(-1) == qp.size(0),
-                "attnres read: sources must be contiguous CPU tensors of qp's dtype and one shape [..., D]");
+// f(T{}, O{}) for the compute type of qp and the output (promoted source) dtype.
+template <typename F>
+void dispatch(at::ScalarType ct, at::ScalarType out, F&& f) {
+  if (ct == at::kDouble) {
+    f(double{}, double{});
+  } else if (out == at::kBFloat16) {
+    f(float{}, bf16{});
+  } else if (out == at::kHalf) {
+    f(float{}, f16{});
+  } else {
+    f(float{}, float{});
   }
 }
 
-// Returns (o, s, r, p, rh); rh is empty without an output norm.
-std::vector<torch::Tensor> read_forward(torch::Tensor qp, c10::optional<torch::Tensor> w, double eps,
-                                        std::vector<torch::Tensor> sources) {
+at::ScalarType promoted(at::TensorList sources) {
+  at::ScalarType out = sources[0].scalar_type();
+  for (const auto& v : sources) out = c10::promoteTypes(out, v.scalar_type());
+  return out;
+}
+
+void check(const Tensor& qp, const std::optional<Tensor>& w, at::TensorList sources) {
+  TORCH_CHECK(!sources.empty(), "attnres read: need at least one source");
+  TORCH_CHECK(qp.dim() == 1 && qp.size(0) > 0 && qp.is_contiguous() && qp.device().is_cpu() &&
+                  (qp.scalar_type() == at::kFloat || qp.scalar_type() == at::kDouble),
+              "attnres read: qp must be a contiguous CPU float32/float64 [D], D > 0");
+  TORCH_CHECK(!w || (w->device().is_cpu() && w->is_contiguous() && w->scalar_type() == qp.scalar_type() &&
+                     w->numel() == qp.numel()),
+              "attnres read: w must be a contiguous CPU [D] of qp's dtype");
+  const bool f64 = qp.scalar_type() == at::kDouble;
+  for (const auto& v : sources) {
+    const int k = f64 ? kind_of<double>(v.scalar_type()) : kind_of<float>(v.scalar_type());
+    TORCH_CHECK(v.device().is_cpu() && v.is_contiguous() && k >= 0 && v.numel() == sources[0].numel() &&
+                    v.dim() >= 1 && v.size(-1) == qp.size(0),
+                "attnres read: sources must be contiguous CPU tensors of one shape [..., D], float32/bfloat16/float16 "
+                "with a float32 qp or float64 with a float64 qp");
+  }
+}
+
+// Returns (o, s, r, p, rh); o in the sources' promoted dtype, the rest in qp's; rh is empty without w.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> read_forward(const Tensor& qp, const std::optional<Tensor>& w,
+                                                                double eps, at::TensorList sources) {
   check(qp, w, sources);
   const int64_t d = qp.size(0), n = sources[0].numel() / d, L = sources.size();
-  auto out = torch::empty_like(sources[0]);
+  const at::ScalarType ot = promoted(sources);
+  auto out = at::empty(sources[0].sizes(), sources[0].options().dtype(ot));
   auto opts = qp.options();
-  auto s = torch::empty({L, n}, opts), r = torch::empty({L, n}, opts), p = torch::empty({L, n}, opts);
-  auto rh = torch::empty({w ? n : 0}, opts);
-  AT_DISPATCH_FLOATING_TYPES(qp.scalar_type(), "attnres_read_forward", [&] {
-    forward_impl<scalar_t>(qp.data_ptr<scalar_t>(), w ? w->data_ptr<scalar_t>() : nullptr, eps,
-                           pointers<scalar_t>(sources), n, d, out.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(),
-                           r.data_ptr<scalar_t>(), p.data_ptr<scalar_t>(), w ? rh.data_ptr<scalar_t>() : nullptr);
+  auto s = at::empty({L, n}, opts), r = at::empty({L, n}, opts), p = at::empty({L, n}, opts);
+  auto rh = at::empty({w ? n : 0}, opts);
+  dispatch(qp.scalar_type(), ot, [&](auto t_, auto o_) {
+    using T = decltype(t_);
+    using O = decltype(o_);
+    forward_impl<T, O>(qp.data_ptr<T>(), w ? w->data_ptr<T>() : nullptr, eps, gather<T>(sources), n, d,
+                       static_cast<O*>(out.data_ptr()), s.data_ptr<T>(), r.data_ptr<T>(), p.data_ptr<T>(),
+                       w ? rh.data_ptr<T>() : nullptr);
   });
   return {out, s, r, p, rh};
 }
 
 // The forward output only, for inference: sources stacked as one contiguous [L, ..., D] tensor.
-torch::Tensor read_forward_stacked(torch::Tensor qp, c10::optional<torch::Tensor> w, double eps, torch::Tensor bank) {
-  TORCH_CHECK(bank.dim() >= 2 && bank.is_contiguous() && bank.size(0) >= 1, "attnres read: bank must be a contiguous [L, ..., D]");
-  return read_forward(qp, w, eps, bank.unbind(0))[0];
+Tensor read_stacked(const Tensor& qp, const std::optional<Tensor>& w, double eps, const Tensor& bank) {
+  TORCH_CHECK(bank.dim() >= 2 && bank.is_contiguous() && bank.size(0) >= 1,
+              "attnres read: bank must be a contiguous [L, ..., D]");
+  return std::get<0>(read_forward(qp, w, eps, bank.unbind(0)));
 }
 
-// Returns (dqp or empty, dw or empty, *source grads (empty where not needed)).
-std::vector<torch::Tensor> read_backward(torch::Tensor qp, c10::optional<torch::Tensor> w, torch::Tensor s,
-                                         torch::Tensor r, torch::Tensor p, torch::Tensor rh, torch::Tensor dy,
-                                         c10::optional<torch::Tensor> dp_out, std::vector<torch::Tensor> sources,
-                                         bool need_dq, bool need_dw, std::vector<bool> need_dv) {
+// Returns (dqp or [0], dw or [0], the gradients of the sources with need_dv[i], in order).
+std::tuple<Tensor, Tensor, std::vector<Tensor>> read_backward(
+    const Tensor& qp, const std::optional<Tensor>& w, const Tensor& s, const Tensor& r, const Tensor& p,
+    const Tensor& rh, const Tensor& dy_in, const std::optional<Tensor>& dp_out_in, at::TensorList sources,
+    bool need_dq, bool need_dw, c10::List<bool> need_dv) {
   check(qp, w, sources);
   const int64_t d = qp.size(0), n = sources[0].numel() / d, L = sources.size();
-  TORCH_CHECK(dy.is_contiguous() && dy.numel() == n * d && dy.scalar_type() == qp.scalar_type(), "attnres read: bad dy");
-  TORCH_CHECK(!dp_out || (dp_out->is_contiguous() && dp_out->numel() == L * n), "attnres read: bad dp_out");
+  TORCH_CHECK(static_cast<int64_t>(need_dv.size()) == L, "attnres read: need_dv must have one flag per source");
+  const at::ScalarType ot = promoted(sources), ct = qp.scalar_type();
+  const Tensor dy = dy_in.to(ot).contiguous();
+  TORCH_CHECK(dy.numel() == n * d, "attnres read: bad dy");
+  TORCH_CHECK(s.is_contiguous() && r.is_contiguous() && p.is_contiguous() && rh.is_contiguous() &&
+                  s.scalar_type() == ct && r.scalar_type() == ct && p.scalar_type() == ct &&
+                  s.numel() == L * n && r.numel() == L * n && p.numel() == L * n && (!w || rh.numel() == n),
+              "attnres read: bad statistics");
+  std::optional<Tensor> dp_out;
+  if (dp_out_in) dp_out = dp_out_in->to(ct).contiguous();
+  TORCH_CHECK(!dp_out || dp_out->numel() == L * n, "attnres read: bad dp_out");
   const int64_t threads = at::get_num_threads();
   auto opts = qp.options();
-  auto dq_parts = torch::zeros({need_dq ? threads : 0, d}, opts);
-  auto dw_parts = torch::zeros({need_dw && w ? threads : 0, d}, opts);
-  std::vector<torch::Tensor> out = {torch::Tensor(), torch::Tensor()};
-  AT_DISPATCH_FLOATING_TYPES(qp.scalar_type(), "attnres_read_backward", [&] {
-    std::vector<scalar_t*> dv(L, nullptr);
-    for (int64_t i = 0; i < L; ++i) {
-      out.push_back(need_dv[i] ? torch::empty_like(sources[i]) : torch::Tensor());
-      if (need_dv[i]) dv[i] = out.back().data_ptr<scalar_t>();
+  auto dq_parts = at::zeros({need_dq ? threads : 0, d}, opts);
+  auto dw_parts = at::zeros({need_dw && w ? threads : 0, d}, opts);
+  std::vector<Tensor> grads;
+  std::vector<void*> dv(L, nullptr);
+  for (int64_t i = 0; i < L; ++i) {
+    if (need_dv.get(i)) {
+      grads.push_back(at::empty_like(sources[i], at::MemoryFormat::Contiguous));
+      dv[i] = grads.back().data_ptr();
     }
-    backward_impl<scalar_t>(qp.data_ptr<scalar_t>(), w ? w->data_ptr<scalar_t>() : nullptr,
-                            pointers<scalar_t>(sources), n, d, s.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(),
-                            p.data_ptr<scalar_t>(), w ? rh.data_ptr<scalar_t>() : nullptr, dy.data_ptr<scalar_t>(),
-                            dp_out ? dp_out->data_ptr<scalar_t>() : nullptr, dv,
-                            need_dq ? dq_parts.data_ptr<scalar_t>() : nullptr,
-                            need_dw && w ? dw_parts.data_ptr<scalar_t>() : nullptr);
+  }
+  dispatch(ct, ot, [&](auto t_, auto o_) {
+    using T = decltype(t_);
+    using O = decltype(o_);
+    backward_impl<T, O>(qp.data_ptr<T>(), w ? w->data_ptr<T>() : nullptr, gather<T>(sources), n, d,
+                        s.data_ptr<T>(), r.data_ptr<T>(), p.data_ptr<T>(), w ? rh.data_ptr<T>() : nullptr,
+                        static_cast<const O*>(dy.data_ptr()), dp_out ? dp_out->data_ptr<T>() : nullptr, dv,
+                        need_dq ? dq_parts.data_ptr<T>() : nullptr, need_dw && w ? dw_parts.data_ptr<T>() : nullptr);
   });
-  if (need_dq) out[0] = dq_parts.sum(0);
-  if (need_dw && w) out[1] = dw_parts.sum(0);
-  return out;
+  Tensor dq = need_dq ? dq_parts.sum(0) : at::empty({0}, opts);
+  Tensor dw = need_dw && w ? dw_parts.sum(0) : at::empty({0}, opts);
+  return {dq, dw, grads};
 }
 
 }  // namespace
 
+TORCH_LIBRARY_IMPL(attnres, CPU, m) {
+  m.impl("read_forward", TORCH_FN(read_forward));
+  m.impl("read_stacked", TORCH_FN(read_stacked));
+  m.impl("read_backward", TORCH_FN(read_backward));
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("read_forward", &read_forward, "AttnRes read forward (CPU)");
-  m.def("read_forward_stacked", &read_forward_stacked, "AttnRes read forward over a stacked bank (CPU)");
-  m.def("read_backward", &read_backward, "AttnRes read backward (CPU)");
+  m.def("read_forward",
+        [](const Tensor& qp, const std::optional<Tensor>& w, double eps, const std::vector<Tensor>& sources) {
+          return read_forward(qp, w, eps, sources);
+        },
+        "AttnRes read forward (CPU): (o, s, r, p, rh)");
+  m.def("read_forward_stacked", &read_stacked, "AttnRes read forward over a stacked bank (CPU)");
+  m.def("read_backward",
+        [](const Tensor& qp, const std::optional<Tensor>& w, const Tensor& s, const Tensor& r, const Tensor& p,
+           const Tensor& rh, const Tensor& dy, const std::optional<Tensor>& dp_out, const std::vector<Tensor>& sources,
+           bool need_dq, bool need_dw, const std::vector<bool>& need_dv) {
+          c10::List<bool> flags;
+          for (const bool b : need_dv) flags.push_back(b);
+          return read_backward(qp, w, s, r, p, rh, dy, dp_out, sources, need_dq, need_dw, std::move(flags));
+        },
+        "AttnRes read backward (CPU): (dqp or [0], dw or [0], [grads of the sources that need one])");
 }

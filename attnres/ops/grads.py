@@ -1,0 +1,72 @@
+"""Which inputs of a read need a gradient, and where each gradient goes back, by name.
+
+An autograd function's ``needs_input_grad`` and the tuple its backward returns are positional: one slot
+per argument of ``forward`` (after ``ctx``), a var-positional ``*sources`` expanding to one slot per
+source; a custom op's are structured by its schema (``Tensor[] sources`` is one nested list). Counting
+slots by hand (``needs[3 + i]``) routes a gradient to the wrong input as soon as an argument is added
+before the sources. :class:`Slots` reads the argument names from the function's own signature (or the
+op's schema) once, and maps by name: the query ``qp``, the output gain ``w`` and the ``sources``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from torch import Tensor
+
+NAMES = ("qp", "w", "sources")
+
+
+@dataclass(frozen=True)
+class Needs:
+    """Whether the folded query, the output gain and each source need a gradient."""
+
+    qp: bool
+    w: bool
+    sources: tuple[bool, ...]
+
+
+class Slots:
+    """The argument names of a read's ``forward`` (or op schema), for ``needs`` and ``grads`` by name."""
+
+    def __init__(self, names: Sequence[str], star: bool):
+        missing = [n for n in NAMES if n not in names]
+        if missing:
+            raise TypeError(f"a read must take arguments named {NAMES}; {tuple(names)} lacks {missing}")
+        if star and names[-1] != "sources":
+            raise TypeError(f"*sources must be the last argument, got {tuple(names)}")
+        self.names, self.star = tuple(names), star
+
+    @classmethod
+    def of_function(cls, forward: Callable) -> Slots:
+        """From ``forward(ctx, ..., *sources)`` of an autograd.Function."""
+        params = list(inspect.signature(forward).parameters.values())[1:]  # after ctx
+        star = bool(params) and params[-1].kind is inspect.Parameter.VAR_POSITIONAL
+        if not star:
+            raise TypeError(f"{forward.__qualname__} must end with *sources")
+        return cls([p.name for p in params], star=True)
+
+    @classmethod
+    def of_op(cls, op) -> Slots:
+        """From a custom op's schema, whose ``sources`` is one ``Tensor[]`` argument."""
+        return cls([a.name for a in op._schema.arguments], star=False)
+
+    def needs(self, ctx) -> Needs:
+        flags = tuple(ctx.needs_input_grad)
+        if self.star:
+            k = len(self.names) - 1
+            by = dict(zip(self.names[:-1], flags[:k], strict=True))
+            by["sources"] = flags[k:]
+        else:
+            by = dict(zip(self.names, flags, strict=True))
+        return Needs(bool(by["qp"]), bool(by["w"]), tuple(bool(f) for f in by["sources"]))
+
+    def grads(self, dqp: Tensor | None, dw: Tensor | None, sources: Sequence[Tensor | None]) -> tuple:
+        """The backward's return: each gradient in its argument's slot, None in the others."""
+        by = {"qp": dqp, "w": dw}
+        if self.star:
+            return (*(by.get(n) for n in self.names[:-1]), *sources)
+        by["sources"] = list(sources)
+        return tuple(by.get(n) for n in self.names)
