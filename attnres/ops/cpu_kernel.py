@@ -190,7 +190,7 @@ def _op_setup_context(ctx, inputs, output):
 
 
 def _op_backward(ctx, do, ds, dr, dp, drh):
-    dqp, dw, grads = backward(ctx, do, dp, _OP_SLOTS.needs(ctx))
+    dqp, dw, grads = backward(ctx, do, dp, _OP_SLOTS.needs(ctx), op=True)
     return _OP_SLOTS.grads(dqp, dw, grads)
 
 
@@ -237,15 +237,20 @@ class CpuRead(torch.autograd.Function):
 _SLOTS = Slots.of_function(CpuRead.forward)
 
 
-def backward(ctx, dy: Tensor | None, dp_out: Tensor | None, needs: Needs):
-    """(dqp, dw, source grads) from statistics saved as (qp, w, s, r, p, rh, *sources)."""
+def _plain(*tensors: Tensor) -> bool:
+    return all(type(t) in (Tensor, torch.nn.Parameter) for t in tensors)
+
+
+def backward(ctx, dy: Tensor | None, dp_out: Tensor | None, needs: Needs, op: bool = False):
+    """(dqp, dw, source grads) from statistics saved as (qp, w, s, r, p, rh, *sources); through the
+    ``attnres::read_backward`` op when ``op`` or when tracing, else the pybind function."""
     qp, w, s, r, p, rh, *sources = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros(sources[0].shape, dtype=source_dtype(sources), device=qp.device)
     dp_out = None if dp_out is None else dp_out.contiguous()
     need_dw = needs.w and w is not None
     rh = s.new_empty(0) if rh is None else rh  # the merged read's forward saves None without a gain
-    if torch.compiler.is_compiling():
+    if op or torch.compiler.is_compiling() or not _plain(qp, dy):  # traced: the op (pybind sees no fakes)
         dq, dw, given = OPS.read_backward(qp, w, s, r, p, rh, dy.contiguous(), dp_out, list(sources),
                                           needs.qp, need_dw, list(needs.sources))
     else:

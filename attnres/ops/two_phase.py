@@ -43,12 +43,17 @@ def key_rstd(v: Tensor, eps: float) -> Tensor:
     return rstd(_flat(v.detach(), compute_dtype(v.dtype)), eps)
 
 
+def _logits(qs: Tensor, blocks: Sequence[Tensor], rstd: Sequence[Tensor], ct: torch.dtype) -> Tensor:
+    return torch.stack([torch.mm(_flat(b, ct), qs.t()).t() * r for b, r in zip(blocks, rstd, strict=True)], 1)
+
+
 @torch.no_grad()
 def phase1(queries: Tensor, blocks: Sequence[Tensor], rstd: Sequence[Tensor]) -> list[InterBlock]:
     """Inter-block terms for ``queries`` [S, D] (folded q' = q * g * scale) against ``blocks``."""
     ct = queries.dtype
     qs = queries.detach()
-    s = torch.stack([torch.mm(_flat(b, ct), qs.t()).t() * r for b, r in zip(blocks, rstd, strict=True)], 1)
+    with torch.autocast(queries.device.type, enabled=False):  # logits in the compute dtype, never bf16
+        s = _logits(qs, blocks, rstd, ct)
     m = s.amax(1)  # [S, N]
     e = torch.exp(s - m[:, None])  # [S, n, N]
     l = e.sum(1)

@@ -1,12 +1,18 @@
-"""torch.compile(model): one graph, no graph break in the residual path, same numbers as eager."""
+"""torch.compile(model): one graph, no graph break in the residual path, same numbers as eager; the
+fused CPU read runs inside the compiled graph as its attnres:: custom ops."""
+
+from collections import Counter
 
 import pytest
 import torch
 import torch._dynamo as dynamo
+from functorch.compile import make_boxed_func
+from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.utils import counters
 
 from attnres import AttnResForCausalLM
 from attnres.models.modeling import BANK_MAX_TOKENS, TWO_PHASE_MIN_TOKENS
+from attnres.ops import cpu_kernel
 
 from .test_model import ids, randomize_attnres, tiny
 
@@ -48,3 +54,88 @@ def test_compiled_training_step_matches_eager_without_recompiles(residual):
             torch.testing.assert_close(got[n], p.grad, rtol=1e-9, atol=1e-12, msg=n)
     assert counters["frames"]["ok"] == 1, dict(counters["frames"])
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+
+
+def counting_backend():
+    """aot_eager that records, per compiled graph (forward, then backward), the attnres:: op calls."""
+    graphs = []
+
+    def keep(gm, _):
+        graphs.append(Counter(str(n.target) for n in gm.graph.nodes
+                              if n.op == "call_function" and str(n.target).startswith("attnres.")))
+        return make_boxed_func(gm.forward)
+
+    return aot_autograd(fw_compiler=keep, bw_compiler=keep), graphs
+
+
+needs_kernel = pytest.mark.skipif(cpu_kernel.load() is None, reason="the fused CPU read is unavailable")
+
+
+@needs_kernel
+@pytest.mark.parametrize("residual", ["full", "block"])
+def test_compiled_model_calls_the_fused_read_ops(residual):
+    """Every AttnRes read is an attnres:: op in the graphs: Full's 9 reads forward and backward; Block's
+    joint reads forward, and every read's backward (the two-phase merge runs its forward in PyTorch)."""
+    dynamo.reset()
+    backend, graphs = counting_backend()
+    m = model(residual).double()
+    x = ids(2, TRAIN_T)
+    torch.compile(m, backend=backend, fullgraph=True)(x, labels=x, use_cache=False).loss.backward()
+    reads = 2 * 4 + 1  # 4 layers, two reads each, and the final aggregation
+    fw, bw = graphs
+    merged = 8 if residual == "block" else 0  # block_size 2: both reads of every layer merge
+    assert fw["attnres.read_forward.default"] == reads - merged
+    assert bw["attnres.read_backward.default"] == reads
+    with torch.no_grad():  # cached decode: the bank's stacked read
+        dynamo.reset()
+        backend, graphs = counting_backend()
+        torch.compile(m, backend=backend, fullgraph=True)(ids(2, 3), use_cache=False)
+    assert graphs[0]["attnres.read_stacked.default"] == reads
+
+
+@needs_kernel
+def test_set_compiled_false_traces_the_pytorch_read(monkeypatch):
+    monkeypatch.setattr(cpu_kernel, "_compiled", False)
+    dynamo.reset()
+    backend, graphs = counting_backend()
+    m = model("block").double()
+    x = ids(2, TRAIN_T)
+    torch.compile(m, backend=backend, fullgraph=True)(x, labels=x, use_cache=False).loss.backward()
+    assert graphs and all(not g for g in graphs)
+
+
+@needs_kernel
+@pytest.mark.parametrize("residual", ["full", "block"])
+def test_varying_sequence_length_compiles_at_most_twice(residual):
+    """dynamic=None: the second length recompiles once with dynamic shapes (the fake kernels take
+    symbolic sizes), and further lengths reuse it."""
+    dynamo.reset()
+    counters.clear()
+    m = model(residual)
+    cm = torch.compile(m, backend="aot_eager", fullgraph=True)
+    for t in (TRAIN_T, TRAIN_T + 5, TRAIN_T + 11, TRAIN_T + 30):
+        x = ids(2, t, seed=t)
+        cm(x, labels=x, use_cache=False).loss.backward()
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+
+
+@needs_kernel
+@pytest.mark.parametrize("residual", ["full", "block"])
+def test_compiled_bf16_autocast_step_matches_eager(residual):
+    """Under bf16 autocast (fp32 embedding + bf16 sublayer outputs: mixed sources), the compiled
+    step (inductor) calls the same kernel as eager: loss and gradients agree to bf16 tolerances."""
+    dynamo.reset()
+    m = model(residual)
+    x = ids(2, TRAIN_T)
+    results = []
+    for fn in (torch.compile(m, fullgraph=True), m):
+        m.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = fn(x, labels=x, use_cache=False).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+    (l1, g1), (l2, g2) = results
+    torch.testing.assert_close(l1, l2, rtol=2e-2, atol=2e-2)
+    for n, g in g1.items():
+        torch.testing.assert_close(g, g2[n], rtol=5e-2, atol=5e-3, msg=n)

@@ -71,3 +71,20 @@ def test_block_model_two_phase_equals_joint_read_logits_and_every_gradient(layer
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-10, atol=1e-12)
     for name, grad in results[0][1].items():
         torch.testing.assert_close(grad, results[1][1][name], rtol=1e-8, atol=1e-11, msg=name)
+
+
+def test_phase1_ignores_autocast():
+    """Under bf16 autocast the phase-1 logits stay in the compute dtype (torch.mm would round them to bf16)."""
+    from attnres.ops import key_rstd, phase1
+
+    g = torch.Generator().manual_seed(0)
+    blocks = [torch.randn(3, 40, generator=g), torch.randn(3, 40, generator=g).bfloat16()]
+    qs = torch.randn(2, 40, generator=g)
+    rstd = [key_rstd(b, 1e-6) for b in blocks]
+    want = phase1(qs, blocks, rstd)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = phase1(qs, blocks, rstd)
+    for a, b in zip(got, want, strict=True):
+        assert a.s.dtype == torch.float32
+        torch.testing.assert_close(a.s, b.s, rtol=0, atol=0)
+        torch.testing.assert_close(a.o, b.o, rtol=0, atol=0)

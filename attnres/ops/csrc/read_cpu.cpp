@@ -419,19 +419,21 @@ Tensor read_stacked(const Tensor& qp, const std::optional<Tensor>& w, double eps
 
 // Returns (dqp or [0], dw or [0], the gradients of the sources with need_dv[i], in order).
 std::tuple<Tensor, Tensor, std::vector<Tensor>> read_backward(
-    const Tensor& qp, const std::optional<Tensor>& w, const Tensor& s, const Tensor& r, const Tensor& p,
-    const Tensor& rh, const Tensor& dy_in, const std::optional<Tensor>& dp_out_in, at::TensorList sources,
+    const Tensor& qp, const std::optional<Tensor>& w, const Tensor& s_in, const Tensor& r_in, const Tensor& p_in,
+    const Tensor& rh_in, const Tensor& dy_in, const std::optional<Tensor>& dp_out_in, at::TensorList sources,
     bool need_dq, bool need_dw, c10::List<bool> need_dv) {
   check(qp, w, sources);
   const int64_t d = qp.size(0), n = sources[0].numel() / d, L = sources.size();
   TORCH_CHECK(static_cast<int64_t>(need_dv.size()) == L, "attnres read: need_dv must have one flag per source");
   const at::ScalarType ot = promoted(sources), ct = qp.scalar_type();
+  // A compiled graph may hand over the saved statistics in another layout: make them [L, N] / [N] in T.
   const Tensor dy = dy_in.to(ot).contiguous();
-  TORCH_CHECK(dy.numel() == n * d, "attnres read: bad dy");
-  TORCH_CHECK(s.is_contiguous() && r.is_contiguous() && p.is_contiguous() && rh.is_contiguous() &&
-                  s.scalar_type() == ct && r.scalar_type() == ct && p.scalar_type() == ct &&
-                  s.numel() == L * n && r.numel() == L * n && p.numel() == L * n && (!w || rh.numel() == n),
-              "attnres read: bad statistics");
+  const Tensor s = s_in.to(ct).contiguous(), r = r_in.to(ct).contiguous(), p = p_in.to(ct).contiguous();
+  const Tensor rh = rh_in.to(ct).contiguous();
+  TORCH_CHECK(dy.numel() == n * d, "attnres read: dy has ", dy.numel(), " elements, expected ", n * d);
+  TORCH_CHECK(s.numel() == L * n && r.numel() == L * n && p.numel() == L * n && (!w || rh.numel() == n),
+              "attnres read: statistics s, r, p ", s.sizes(), r.sizes(), p.sizes(), " and rh ", rh.sizes(),
+              " do not fit ", L, " sources of ", n, " tokens");
   std::optional<Tensor> dp_out;
   if (dp_out_in) dp_out = dp_out_in->to(ct).contiguous();
   TORCH_CHECK(!dp_out || dp_out->numel() == L * n, "attnres read: bad dp_out");

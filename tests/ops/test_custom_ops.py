@@ -1,0 +1,106 @@
+"""The fused CPU read as torch.library ops (attnres::read_forward / read_backward / read_stacked):
+opcheck (schema, fake kernels, autograd registration), gradients through the op against the reference,
+and torch.compile calling them."""
+
+import pytest
+import torch
+
+from attnres import naive_attn_res
+from attnres.ops import cpu_kernel
+
+from .test_cpu_kernel import check_16bit_read
+
+pytestmark = pytest.mark.skipif(cpu_kernel.load() is None, reason="the fused CPU read is unavailable")
+
+OPS = cpu_kernel.OPS
+F64 = torch.float64
+TESTS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def _inputs(dtypes, shape, output_norm, grad, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    d = shape[-1]
+    ct = F64 if dtypes[0] == F64 else torch.float32
+    src = [torch.randn(shape, generator=gen).to(dt).requires_grad_(grad) for dt in dtypes]
+    q = (torch.randn(d, generator=gen) / 3).to(ct).requires_grad_(grad)
+    w = (1 + 0.1 * torch.randn(d, generator=gen)).to(ct).requires_grad_(grad) if output_norm else None
+    return q, w, src
+
+
+@pytest.mark.parametrize("dtypes", [[F64] * 3, [torch.float32], [torch.bfloat16] * 2,
+                                    [torch.float32, torch.bfloat16, torch.float16]])
+@pytest.mark.parametrize("output_norm", [False, True])
+@pytest.mark.parametrize("grad", [False, True])
+def test_opcheck_read_forward(dtypes, output_norm, grad):
+    q, w, src = _inputs(dtypes, (2, 5, 19), output_norm, grad)
+    torch.library.opcheck(OPS.read_forward.default, (q, w, 1e-6, src), test_utils=TESTS)
+
+
+@pytest.mark.parametrize("need", [(True, True, (True, False, True)), (False, False, (False, False, True))])
+def test_opcheck_read_backward_and_stacked(need):
+    q, w, src = _inputs([torch.float32, torch.bfloat16, torch.bfloat16], (3, 17), True, False)
+    _o, s, r, p, rh = OPS.read_forward(q, w, 1e-6, src)
+    dy = torch.randn(3, 17)
+    dpo = torch.randn(3, 3)
+    torch.library.opcheck(OPS.read_backward.default, (q, w, s, r, p, rh, dy, dpo, src, *need[:2], list(need[2])),
+                          test_utils=TESTS)
+    bank = torch.randn(4, 2, 3, 17)
+    torch.library.opcheck(OPS.read_stacked.default, (q, w, 1e-6, bank), test_utils=TESTS)
+    want = naive_attn_res(q.double(), bank.double(), output_rms_weight=w.double())
+    torch.testing.assert_close(OPS.read_stacked(q, w, 1e-6, bank).double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("output_norm", [False, True])
+def test_op_gradients_equal_reference_float64(output_norm):
+    """The op's registered autograd: forward and every gradient (a source without one in the middle)."""
+    q, w, src = _inputs([F64] * 4, (2, 7, 33), output_norm, True, seed=1)
+    src[1].requires_grad_(False)
+    dy, dpo = torch.randn(2, 7, 33, dtype=F64), torch.randn(4, 2, 7, dtype=F64)
+    leaves = [q, src[0], src[2], src[3]] + ([w] if output_norm else [])
+    o, _s, _r, p, _rh = OPS.read_forward(q, w, 1e-6, src)
+    got = torch.autograd.grad([o, p.view(4, 2, 7)], leaves, [dy, dpo])
+    o2, p2 = naive_attn_res(q, src, output_rms_weight=w, return_weights=True)
+    want = torch.autograd.grad([o2, p2], leaves, [dy, dpo])
+    torch.testing.assert_close(o, o2, rtol=1e-10, atol=1e-12)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["bf16", "mixed"])
+def test_op_gradients_16bit_against_float64_reference(mode):
+    def read(q, w, eps, src):
+        o, _s, _r, p, _rh = OPS.read_forward(q, w, eps, src)
+        return o, p.view(len(src), *src[0].shape[:-1])
+
+    check_16bit_read(read, mode, 5, (2, 9, 40), True, seed=5)
+
+
+@pytest.mark.parametrize("output_norm", [False, True])
+def test_compiled_read_calls_the_op_and_matches_eager(output_norm):
+    """fullgraph compile of the public read (aot_eager: forward and backward graphs, no codegen)."""
+    from attnres import attn_res
+
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        from functorch.compile import make_boxed_func
+        from torch._dynamo.backends.common import aot_autograd
+
+        def keep(g, _):
+            graphs.append([str(n.target) for n in g.graph.nodes if n.op == "call_function"])
+            return make_boxed_func(g.forward)
+
+        return aot_autograd(fw_compiler=keep, bw_compiler=keep)(gm, example_inputs)
+
+    q, w, src = _inputs([F64] * 3, (2, 6, 24), output_norm, True, seed=2)
+    fn = torch.compile(lambda q, w, *s: attn_res(q, s, output_rms_weight=w), backend=backend, fullgraph=True)
+    got = fn(q, w, *src)
+    ggot = torch.autograd.grad(got.square().sum(), [q, *src])
+    want = attn_res(q, src, output_rms_weight=w)
+    gwant = torch.autograd.grad(want.square().sum(), [q, *src])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(ggot, gwant, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert ["attnres.read_forward.default" in g for g in graphs] == [True, False]
+    assert ["attnres.read_backward.default" in g for g in graphs] == [False, True]
