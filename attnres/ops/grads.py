@@ -38,6 +38,8 @@ class Slots:
         if star and names[-1] != "sources":
             raise TypeError(f"*sources must be the last argument, got {tuple(names)}")
         self.names, self.star = tuple(names), star
+        self._q, self._w, self._s = (self.names.index(n) for n in NAMES)  # resolved once, by name
+        self._width = len(self.names)
 
     @classmethod
     def of_function(cls, forward: Callable) -> Slots:
@@ -54,19 +56,17 @@ class Slots:
         return cls([a.name for a in op._schema.arguments], star=False)
 
     def needs(self, ctx) -> Needs:
-        flags = tuple(ctx.needs_input_grad)
-        if self.star:
-            k = len(self.names) - 1
-            by = dict(zip(self.names[:-1], flags[:k], strict=True))
-            by["sources"] = flags[k:]
-        else:
-            by = dict(zip(self.names, flags, strict=True))
-        return Needs(bool(by["qp"]), bool(by["w"]), tuple(bool(f) for f in by["sources"]))
+        flags = ctx.needs_input_grad
+        sources = flags[self._s:] if self.star else flags[self._s]
+        if not self.star and len(flags) != self._width:
+            raise TypeError(f"needs_input_grad has {len(flags)} entries, the op {self._width} arguments")
+        return Needs(bool(flags[self._q]), bool(flags[self._w]), tuple(bool(f) for f in sources))
 
     def grads(self, dqp: Tensor | None, dw: Tensor | None, sources: Sequence[Tensor | None]) -> tuple:
         """The backward's return: each gradient in its argument's slot, None in the others."""
-        by = {"qp": dqp, "w": dw}
+        out = [None] * (self._width - 1 if self.star else self._width)
+        out[self._q], out[self._w] = dqp, dw
         if self.star:
-            return (*(by.get(n) for n in self.names[:-1]), *sources)
-        by["sources"] = list(sources)
-        return tuple(by.get(n) for n in self.names)
+            return (*out, *sources)
+        out[self._s] = list(sources)
+        return tuple(out)

@@ -1,0 +1,76 @@
+"""Models in bf16: the fused CPU read takes the 16-bit and mixed reads (autocast training, a bf16 model's
+no-grad prefill and cached decode) and agrees with the PyTorch read on the same model."""
+
+import pytest
+import torch
+
+from attnres import AttnResForCausalLM
+from attnres.ops import cpu_kernel
+
+from ..models.test_model import ids, randomize_attnres, tiny
+
+pytestmark = pytest.mark.skipif(cpu_kernel.load() is None, reason="the fused CPU read is unavailable")
+
+# Both paths compute in fp32 from the same bf16 values; they differ by fp32 summation order, which can
+# flip a bf16 rounding of a read's output and travel through the following bf16 sublayers.
+TOL = dict(rtol=3e-2, atol=3e-2)
+
+
+def _counting(monkeypatch):
+    calls = {"forward": 0, "backward": 0, "dtypes": set()}
+    fwd, bwd = cpu_kernel.CpuRead.apply, cpu_kernel.backward
+
+    def apply(qp, w, eps, *sources):
+        calls["forward"] += 1
+        calls["dtypes"].add(tuple(s.dtype for s in sources))
+        return fwd(qp, w, eps, *sources)
+
+    def backward(*a, **k):
+        calls["backward"] += 1
+        return bwd(*a, **k)
+
+    monkeypatch.setattr(cpu_kernel.CpuRead, "apply", apply)
+    monkeypatch.setattr(cpu_kernel, "backward", backward)
+    return calls
+
+
+@pytest.mark.parametrize("residual", ["full", "block"])
+def test_autocast_training_step_fused_equals_pytorch_read(residual, monkeypatch):
+    m = AttnResForCausalLM(tiny(residual, num_hidden_layers=3))
+    randomize_attnres(m)
+    x = ids(2, 40)  # 80 tokens: Block runs two-phase (fused backward of the merged reads)
+    calls = _counting(monkeypatch)
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(cpu_kernel, "_enabled", fused)
+        m.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(x, labels=x)
+        out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+    assert calls["forward"] > 0 and calls["backward"] == 2 * 3 + 1
+    # the embedding is fp32 under autocast, the sublayer outputs bf16: mixed sources, read in place
+    assert any(torch.float32 in d and torch.bfloat16 in d for d in calls["dtypes"])
+    (l1, g1), (l2, g2) = results
+    torch.testing.assert_close(l1, l2, **TOL)
+    for n, g in g1.items():
+        torch.testing.assert_close(g, g2[n], rtol=5e-2, atol=5e-3, msg=n)
+
+
+@pytest.mark.parametrize("residual", ["full", "block"])
+def test_bf16_model_prefill_and_decode_fused_equals_pytorch_read(residual, monkeypatch):
+    m = AttnResForCausalLM(tiny(residual, num_hidden_layers=3)).bfloat16()
+    randomize_attnres(m)
+    prompt = ids(1, 40)  # 40 tokens: prefill and decode steps read the fp32 bank
+    calls = _counting(monkeypatch)
+    outs = []
+    for fused in (True, False):
+        monkeypatch.setattr(cpu_kernel, "_enabled", fused)
+        with torch.no_grad():
+            logits = m(ids(2, 40)).logits  # 80 tokens, no grad: bf16 sources (Block: two-phase)
+            gen = m.generate(prompt, max_new_tokens=5, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+        outs.append((logits.float(), torch.stack(gen.logits).float()))
+    assert calls["forward"] > 0 and {torch.bfloat16} <= {d for ds in calls["dtypes"] for d in ds}
+    for a, b in zip(*outs, strict=True):
+        torch.testing.assert_close(a, b, **TOL)
