@@ -127,7 +127,8 @@ def usable(qp: Tensor, sources: Sequence[Tensor], w: Tensor | None = None) -> bo
     ``torch.compile`` only if the kernel is already built (an AttnRes model builds it when it is made)."""
     if qp.device.type != "cpu" or _failed is not None or not _enabled:
         return False
-    if torch.compiler.is_compiling() and not (_compiled and _built):
+    compiling = torch.compiler.is_compiling()
+    if compiling and not (_compiled and _built):
         return False
     dt = qp.dtype
     if w is not None and (w.device.type != "cpu" or w.dtype != dt):
@@ -138,7 +139,7 @@ def usable(qp: Tensor, sources: Sequence[Tensor], w: Tensor | None = None) -> bo
         ok = all(v.dtype == dt and v.device.type == "cpu" and v.is_contiguous() for v in sources)
     else:
         return False
-    return ok and (_built if torch.compiler.is_compiling() else load() is not None)
+    return ok and (_built if compiling else load() is not None)
 
 
 # ---- the torch.library ops: schemas and fake kernels (the CPU kernels come from the extension) ----
