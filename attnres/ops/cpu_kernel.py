@@ -12,7 +12,8 @@ Sources may be fp32, bf16 or fp16, each its own dtype (math in fp32), or all fp6
 Two entry points to the same C++ functions:
 - eager: :class:`CpuRead`, an autograd.Function calling the pybind functions (the least overhead per call);
 - ``torch.compile``: the ``torch.library`` ops ``attnres::read_forward`` (autograd registered: its
-  backward is ``attnres::read_backward``) and ``attnres::read_stacked`` (no-grad, a stacked bank), with
+  backward is ``attnres::read_backward``), ``attnres::read_stacked`` (no-grad, a stacked bank) and the
+  two-phase pair ``attnres::phase1`` / ``attnres::merge_forward`` (:func:`phase1`, :func:`merge`), with
   fake kernels, so a compiled graph calls the fused kernel instead of tracing PyTorch ops. The schemas
   are defined here at import, whether or not the kernel builds; the C++ extension adds their CPU
   kernels when it loads. :func:`set_compiled` (default on) lets a compiled model trace the PyTorch ops
@@ -154,6 +155,14 @@ torch.library.define(
     "(Tensor qp, Tensor? w, Tensor s, Tensor r, Tensor p, Tensor rh, Tensor dy, Tensor? dp_out, Tensor[] sources, "
     "bool need_dq, bool need_dw, bool[] need_dv) -> (Tensor dq, Tensor dw, Tensor[] dv)",
 )
+torch.library.define(
+    "attnres::phase1", "(Tensor qs, float eps, Tensor[] blocks) -> (Tensor s, Tensor r, Tensor o, Tensor m, Tensor l)"
+)
+torch.library.define(
+    "attnres::merge_forward",
+    "(Tensor qp, Tensor? w, float eps, Tensor s1, Tensor r1, Tensor o1, Tensor m1, Tensor l1, Tensor[] sources) "
+    "-> (Tensor o, Tensor s, Tensor r, Tensor p, Tensor rh)",
+)
 OPS = torch.ops.attnres
 
 
@@ -179,7 +188,21 @@ def _read_backward_fake(qp, w, s, r, p, rh, dy, dp_out, sources, need_dq, need_d
                     for v, need in zip(sources, need_dv, strict=True) if need]
 
 
+@torch.library.register_fake("attnres::phase1")
+def _phase1_fake(qs, eps, blocks):
+    k, d = qs.shape
+    n = blocks[0].numel() // d
+    return qs.new_empty(k, len(blocks), n), qs.new_empty(len(blocks), n), qs.new_empty(k, n, d), \
+        qs.new_empty(k, n), qs.new_empty(k, n)
+
+
+@torch.library.register_fake("attnres::merge_forward")
+def _merge_forward_fake(qp, w, eps, s1, r1, o1, m1, l1, sources):
+    return _read_forward_fake(qp, w, eps, sources)
+
+
 _OP_SLOTS = Slots.of_op(OPS.read_forward.default)
+_MERGE_SLOTS = Slots.of_op(OPS.merge_forward.default)
 
 
 def _op_setup_context(ctx, inputs, output):
@@ -196,6 +219,35 @@ def _op_backward(ctx, do, ds, dr, dp, drh):
 
 
 torch.library.register_autograd("attnres::read_forward", _op_backward, setup_context=_op_setup_context)
+
+
+def _merge_setup_context(ctx, inputs, output):
+    """As the read's: the phase-1 statistics (s1 .. l1) are constants of the forward schedule, the gradients
+    are the joint read's over (qp, w, sources), picked from the inputs by name."""
+    args = dict(zip(_MERGE_SLOTS.names, inputs, strict=True))
+    _o, s, r, p, rh = output
+    ctx.mark_non_differentiable(s, r, rh)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(args["qp"], args["w"], s, r, p, rh, *args["sources"])
+
+
+def _merge_backward(ctx, do, ds, dr, dp, drh):
+    dqp, dw, grads = backward(ctx, do, dp, _MERGE_SLOTS.needs(ctx), op=True)
+    return _MERGE_SLOTS.grads(dqp, dw, grads)
+
+
+torch.library.register_autograd("attnres::merge_forward", _merge_backward, setup_context=_merge_setup_context)
+
+
+def _phase1_setup_context(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output)  # constants of the forward schedule: the merge's backward is the read's
+
+
+def _phase1_backward(ctx, *grads):
+    return None, None, None
+
+
+torch.library.register_autograd("attnres::phase1", _phase1_backward, setup_context=_phase1_setup_context)
 
 
 # ---- the read ----
@@ -216,6 +268,45 @@ def read_stacked(qp: Tensor, w: Tensor | None, eps: float, bank: Tensor) -> Tens
     if torch.compiler.is_compiling():
         return OPS.read_stacked(qp, w, float(eps), bank)
     return _ext.read_forward_stacked(qp, w, eps, bank)
+
+
+def phase1(qs: Tensor, eps: float, blocks: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Phase 1 of two-phase Block AttnRes for folded queries ``qs`` [S, D] (no autograd): ``(s [S, n, N],
+    r [n, N], o [S, N, D], m [S, N], l [S, N])``, one read of each completed block (``two_phase.phase1``)."""
+    if torch.compiler.is_compiling():
+        return OPS.phase1(qs, float(eps), list(blocks))
+    return _ext.phase1(qs, eps, list(blocks))
+
+
+def merge(qp: Tensor, w: Tensor | None, eps: float, inter: Sequence[Tensor],
+          sources: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """``(o, p)`` of the two-phase merged read over ``sources`` (the completed blocks, then the partial sum
+    if any) from the phase-1 statistics ``inter = (s, r, o, m, l)`` of this query; backward is the read's."""
+    qp = qp.contiguous()
+    w = None if w is None else w.contiguous()
+    inter = [t.contiguous() for t in inter]
+    if torch.compiler.is_compiling():
+        o, _s, _r, p, _rh = OPS.merge_forward(qp, w, float(eps), *inter, list(sources))
+        return o, p.view(len(sources), *sources[0].shape[:-1])
+    return CpuMerge.apply(qp, w, eps, *inter, *sources)
+
+
+class CpuMerge(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qp: Tensor, w: Tensor | None, eps: float, s1: Tensor, r1: Tensor, o1: Tensor, m1: Tensor,
+                l1: Tensor, *sources: Tensor):
+        o, s, r, p, rh = _ext.merge_forward(qp, w, eps, s1, r1, o1, m1, l1, list(sources))
+        ctx.save_for_backward(qp, w, s, r, p, rh, *sources)
+        return o, p.view(len(sources), *sources[0].shape[:-1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: Tensor | None, dp_out: Tensor | None):
+        dqp, dw, grads = backward(ctx, dy, dp_out, _MERGE_FN_SLOTS.needs(ctx))
+        return _MERGE_FN_SLOTS.grads(dqp, dw, grads)
+
+
+_MERGE_FN_SLOTS = Slots.of_function(CpuMerge.forward)
 
 
 class CpuRead(torch.autograd.Function):

@@ -4,11 +4,15 @@ Phase 1 runs once when a block opens: for all of the block's (static) pseudo-que
 computes the un-normalised inter-block terms against the completed blocks b_0..b_{n-1}:
     s_{j,i} = <b_i, q'_j> r_i,  m_j = max_i s_{j,i},  l_j = sum_i e^{s_{j,i} - m_j},
     o_j = sum_i e^{s_{j,i} - m_j} b_i,
-with each completed block's key rstd r_i computed once (the caller caches it). Phase 2, on each
-read, merges the intra-block partial sum b_n^i with an online-softmax update:
+with each completed block read once for all S queries (its key rstd r_i, the S logits, the mix).
+Phase 2, on each read, merges the intra-block partial sum b_n^i with an online-softmax update:
     m = max(m_j, s_p),  h = (e^{m_j-m} o_j + e^{s_p-m} b_n^i) / (e^{m_j-m} l_j + e^{s_p-m}).
 This equals the joint softmax over [b_0, ..., b_{n-1}, b_n^i] exactly. Phase 1 is a forward-time
 schedule: the read's backward is the joint read's, from the same per-token fp32 statistics.
+
+On CPU (the fused kernel usable) phase 1 and the merge run in ``csrc/read_cpu.cpp`` (``cpu_kernel.phase1``
+/ ``cpu_kernel.merge``; inside ``torch.compile`` the ops ``attnres::phase1`` / ``attnres::merge_forward``,
+the latter with the read's backward registered); elsewhere in PyTorch ops (``_MergedRead``).
 """
 
 from __future__ import annotations
@@ -29,13 +33,16 @@ from .grads import Slots
 
 @dataclass
 class InterBlock:
-    """Phase-1 terms of one read against the completed blocks (all fp32, no autograd)."""
+    """Phase-1 terms of one read against the completed blocks (all in the compute dtype, no autograd)."""
 
     s: Tensor  # [n, N] logits
-    r: Tensor  # [n, N] key rstd
+    r: Tensor  # [n, N] key rstd (shared by the reads of one phase 1)
     o: Tensor  # [N, D] sum_i e^{s_i - m} b_i
     m: Tensor  # [N]
     l: Tensor  # [N]
+
+    def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        return self.s, self.r, self.o, self.m, self.l
 
 
 def key_rstd(v: Tensor, eps: float) -> Tensor:
@@ -43,28 +50,42 @@ def key_rstd(v: Tensor, eps: float) -> Tensor:
     return rstd(_flat(v.detach(), compute_dtype(v.dtype)), eps)
 
 
-def _logits(qs: Tensor, blocks: Sequence[Tensor], rstd: Sequence[Tensor], ct: torch.dtype) -> Tensor:
-    return torch.stack([torch.mm(_flat(b, ct), qs.t()).t() * r for b, r in zip(blocks, rstd, strict=True)], 1)
+def _phase1_torch(qs: Tensor, blocks: Sequence[Tensor], eps: float) -> tuple[Tensor, ...]:
+    """Phase 1 in PyTorch ops, each block up-cast once per sweep whatever S: the S logits in one
+    [S, D] x [D, N] matmul, and o laid out [N, S, D] so that one broadcast multiply-add per block
+    mixes it into all S outputs, each token row read once."""
+    ct, (k, d), n = qs.dtype, qs.shape, len(blocks)
+    rows = blocks[0].numel() // d
+    s, r = qs.new_empty(k, n, rows), qs.new_empty(n, rows)
+    for i, b in enumerate(blocks):  # sweep 1: key rstd and the S logits of each block
+        bf = _flat(b, ct)
+        r[i] = rstd(bf, eps)
+        s[:, i] = torch.mm(qs, bf.t()).mul_(r[i])
+    m = s.amax(1)  # [S, N]
+    e = torch.exp(s - m[:, None])  # [S, n, N]
+    o = qs.new_empty(rows, k, d)
+    for i, b in enumerate(blocks):  # sweep 2: o[t, j] += e[j, i, t] b_i[t]
+        bf, ei = _flat(b, ct)[:, None], e[:, i].t()[:, :, None]
+        if i == 0:
+            torch.mul(bf, ei, out=o)
+        else:
+            o.addcmul_(bf, ei)
+    return s, r, o.transpose(0, 1), m, e.sum(1)
 
 
 @torch.no_grad()
-def phase1(queries: Tensor, blocks: Sequence[Tensor], rstd: Sequence[Tensor]) -> list[InterBlock]:
-    """Inter-block terms for ``queries`` [S, D] (folded q' = q * g * scale) against ``blocks``."""
-    ct = queries.dtype
-    qs = queries.detach()
-    with torch.autocast(queries.device.type, enabled=False):  # logits in the compute dtype, never bf16
-        s = _logits(qs, blocks, rstd, ct)
-    m = s.amax(1)  # [S, N]
-    e = torch.exp(s - m[:, None])  # [S, n, N]
-    l = e.sum(1)
-    r_all = torch.stack(list(rstd))
-    out = []
-    for j in range(qs.shape[0]):
-        o = _flat(blocks[0], ct) * e[j, 0, :, None]
-        for i in range(1, len(blocks)):
-            o.addcmul_(_flat(blocks[i], ct), e[j, i, :, None])
-        out.append(InterBlock(s[j], r_all, o, m[j], l[j]))
-    return out
+def phase1(queries: Tensor, blocks: Sequence[Tensor], eps: float) -> list[InterBlock]:
+    """Inter-block terms for ``queries`` [S, D] (folded q' = q * g * scale, in the compute dtype) against
+    ``blocks``, one :class:`InterBlock` per query. The fused CPU kernel reads each block once for all S
+    queries (key rstd, logits, online-softmax statistics and the mix per token row); the PyTorch ops
+    sweep each block twice (logits as one [S, D] x [D, N] matmul, then the mix)."""
+    qs = queries.detach().contiguous()
+    if read_impl(qs[0], blocks) == CPU:
+        s, r, o, m, l = cpu_kernel.phase1(qs, eps, blocks)
+    else:
+        with torch.autocast(queries.device.type, enabled=False):  # logits in the compute dtype, never bf16
+            s, r, o, m, l = _phase1_torch(qs, blocks, eps)
+    return [InterBlock(s[j], r, o[j], m[j], l[j]) for j in range(qs.shape[0])]
 
 
 class _MergedRead(torch.autograd.Function):
@@ -85,17 +106,12 @@ class _MergedRead(torch.autograd.Function):
             h.addcmul_(vp, (b / z)[:, None])
             s, r = torch.cat([inter.s, s_p[None]]), torch.cat([inter.r, r_p[None]])
         p = torch.exp(s - big).div_(z)
-        ctx.fused_backward = read_impl(qp, sources, w) == CPU
         return _finish_forward(ctx, qp, w, eps, s, r, p, h, sources)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy: Tensor | None, dp_out: Tensor | None):
-        needs = _SLOTS.needs(ctx)
-        if ctx.fused_backward:
-            dqp, dw, grads = cpu_kernel.backward(ctx, dy, dp_out, needs)
-        else:
-            dqp, dw, grads = _read_backward(ctx, dy, dp_out, needs)
+        dqp, dw, grads = _read_backward(ctx, dy, dp_out, _SLOTS.needs(ctx))
         return _SLOTS.grads(dqp, dw, grads)
 
 
@@ -113,7 +129,10 @@ def merged_read(
     """
     sources = (*blocks, partial) if partial is not None else tuple(blocks)
     w = None if output_rms_weight is None else output_rms_weight.to(qp.dtype).contiguous()
-    return _MergedRead.apply(qp.contiguous(), w, float(rms_eps), inter, *sources)
+    qp = qp.contiguous()
+    if read_impl(qp, sources, w) == CPU:  # forward and backward fused (the attnres:: ops when compiling)
+        return cpu_kernel.merge(qp, w, float(rms_eps), inter.tensors(), sources)
+    return _MergedRead.apply(qp, w, float(rms_eps), inter, *sources)
 
 
 def two_phase_attn_res(
@@ -127,6 +146,6 @@ def two_phase_attn_res(
     """
     qp = queries if rms_weights is None else queries * rms_weights
     qp = qp.to(compute_dtype(source_dtype(blocks)))
-    inter = phase1(qp, blocks, [key_rstd(b, rms_eps) for b in blocks])
+    inter = phase1(qp, blocks, rms_eps)
     return [merged_read(qp[j], inter[j], blocks, partials[j], output_rms_weight, rms_eps)[0]
             for j in range(qp.shape[0])]

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..ops import InterBlock, key_rstd, merged_read, phase1
+from ..ops import InterBlock, merged_read, phase1
 from ..ops._checks import compute_dtype, source_dtype
 from ..ops.attn_res import read as attn_read
 from . import bank
@@ -79,7 +79,7 @@ class BlockAttnRes(ResidualScheme):
         blocks = state[: n + 1]
         ct = compute_dtype(source_dtype(blocks))
         qs = torch.stack([q(ct) for q in queries[:k]])
-        return TwoPhasePlan(j, blocks, qs, phase1(qs, blocks, [key_rstd(b, self.eps) for b in blocks]))
+        return TwoPhasePlan(j, blocks, qs, phase1(qs, blocks, self.eps))
 
     def read(self, state: State, j: int, query: DepthQuery | None, norm: nn.Module, ctx: Pass,
              plan: TwoPhasePlan | None = None) -> Tensor:

@@ -209,7 +209,7 @@ def test_fused_read_bf16_rounds_like_torch():
 @pytest.mark.parametrize("output_norm", [False, True])
 def test_merged_read_fused_backward_16bit_and_mixed(mode, n, shape, output_norm, monkeypatch):
     """Block's two-phase read (PyTorch forward, fused backward) on 16-bit and mixed sources."""
-    from attnres.ops import key_rstd, merged_read, phase1
+    from attnres.ops import merged_read, phase1
 
     calls = []
     real = cpu_kernel.backward
@@ -217,7 +217,7 @@ def test_merged_read_fused_backward_16bit_and_mixed(mode, n, shape, output_norm,
 
     def read(q, w, eps, src):
         blocks, partial = (src[:-1], src[-1]) if len(src) > 1 else (src, None)
-        inter = phase1(q[None], blocks, [key_rstd(b, eps) for b in blocks])[0]
+        inter = phase1(q[None], blocks, eps)[0]
         return merged_read(q, inter, blocks, partial, w, eps)
 
     check_16bit_read(read, mode, n, shape, output_norm, seed=n)

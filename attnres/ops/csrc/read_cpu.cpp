@@ -352,6 +352,97 @@ void backward_impl(const T* q, const T* w, const Sources<T>& v, int64_t n, int64
   });
 }
 
+// Phase 1 of two-phase Block AttnRes (attnres/ops/two_phase.py): nq folded queries q [nq, D] against the
+// n completed blocks, one read of each block row: its key rstd r [n, N], the logits s [nq, n, N], and per
+// query the online-softmax statistics m, l [nq, N] and the un-normalised mix o [nq, N, D] (all in T).
+template <typename T>
+void phase1_impl(const T* q, int64_t nq, double eps, const Sources<T>& v, int64_t N, int64_t d, T* s, T* r, T* o,
+                 T* m, T* l) {
+  const int64_t n = v.size();
+  const T e = static_cast<T>(eps);
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    std::vector<T> ex(nq * n);
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t i = 0; i < n; ++i) {
+        visit<T>(v.kind[i], [&](auto tag) {
+          using S = ATTNRES_STORAGE(tag);
+          const S* row = static_cast<const S*>(v.ptr[i]) + t * d;
+          T ri = 0;
+          for (int64_t j = 0; j < nq; ++j) {  // the row stays in cache across the queries
+            const auto [ss, sq] = dots<T>(row, q + j * d, d, j == 0, j == 0 && t + 1 < end);
+            if (j == 0) r[i * N + t] = ri = T(1) / std::sqrt(ss / d + e);
+            s[(j * n + i) * N + t] = sq * ri;
+          }
+        });
+      }
+      for (int64_t j = 0; j < nq; ++j) {
+        T mj = -INFINITY, lj = 0;
+        for (int64_t i = 0; i < n; ++i) mj = std::max(mj, s[(j * n + i) * N + t]);
+        for (int64_t i = 0; i < n; ++i) lj += (ex[j * n + i] = std::exp(s[(j * n + i) * N + t] - mj));
+        m[j * N + t] = mj;
+        l[j * N + t] = lj;
+        mix(v, t * d, ex.data() + j * n, 1, d, o + (j * N + t) * d);
+      }
+    }
+  });
+}
+
+// Phase 2, the merged read of one query: the phase-1 statistics of the completed blocks (s1, r1 [nb, N],
+// o1 [N, D], m1, l1 [N]) merged with the partial sum sources[nb] (if given) by an online-softmax update:
+//   big = max(m1, s_p),  h = (e^{m1-big} o1 + e^{s_p-big} v_p) / (e^{m1-big} l1 + e^{s_p-big}),
+// then the optional output norm. Writes the joint read's statistics s, r, p [L, N] (L = nb or nb + 1)
+// and rh, so its backward is the joint read's.
+template <typename T, typename O>
+void merge_impl(const T* q, const T* w, double eps, const Sources<T>& v, int64_t nb, int64_t N, int64_t d,
+                const T* s1, const T* r1, const T* o1, const T* m1, const T* l1, O* out, T* s, T* r, T* p, T* rh) {
+  const bool partial = v.size() > nb;
+  const T e = static_cast<T>(eps);
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    constexpr bool same = std::is_same_v<O, T>;
+    std::vector<T> hb(w || !same ? d : 0);
+    for (int64_t t = begin; t < end; ++t) {
+      T* h = hb.data();
+      if constexpr (same) {
+        if (!w) h = out + t * d;
+      }
+      const T* x1 = o1 + t * d;
+      T big = m1[t], z = l1[t];
+      if (partial) {
+        visit<T>(v.kind[nb], [&](auto tag) {
+          using S = ATTNRES_STORAGE(tag);
+          const S* x = static_cast<const S*>(v.ptr[nb]) + t * d;
+          const auto [ss, sq] = dots<T>(x, q, d, true, t + 1 < end);
+          const T rp = T(1) / std::sqrt(ss / d + e), sp = sq * rp;
+          s[nb * N + t] = sp;
+          r[nb * N + t] = rp;
+          big = std::max(m1[t], sp);
+          const T a = std::exp(m1[t] - big), b = std::exp(sp - big);
+          z = a * l1[t] + b;
+          const T ca = a / z, cb = b / z;
+#pragma omp simd
+          for (int64_t k = 0; k < d; ++k) h[k] = x1[k] * ca + up<T>(x[k]) * cb;
+          p[nb * N + t] = std::exp(sp - big) / z;
+        });
+      } else {
+#pragma omp simd
+        for (int64_t k = 0; k < d; ++k) h[k] = x1[k] / z;
+      }
+      for (int64_t i = 0; i < nb; ++i) {
+        s[i * N + t] = s1[i * N + t];
+        r[i * N + t] = r1[i * N + t];
+        p[i * N + t] = std::exp(s1[i * N + t] - big) / z;
+      }
+      if (w) {
+        const T rr = T(1) / std::sqrt(dot(h, h, d) / d + e);
+        rh[t] = rr;
+        put_row<T, O>(out + t * d, h, rr, w, d);
+      } else if constexpr (!same) {
+        put_row<T, O>(out + t * d, h, T(1), nullptr, d);
+      }
+    }
+  });
+}
+
 // f(T{}, O{}) for the compute type of qp and the output (promoted source) dtype.
 template <typename F>
 void dispatch(at::ScalarType ct, at::ScalarType out, F&& f) {
@@ -417,6 +508,54 @@ Tensor read_stacked(const Tensor& qp, const std::optional<Tensor>& w, double eps
   return std::get<0>(read_forward(qp, w, eps, bank.unbind(0)));
 }
 
+// Phase 1: (s [nq, n, N], r [n, N], o [nq, N, D], m [nq, N], l [nq, N]) in qs's dtype.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> phase1(const Tensor& qs, double eps, at::TensorList blocks) {
+  TORCH_CHECK(qs.dim() == 2 && qs.size(0) > 0, "attnres phase1: qs must be [S, D] with S > 0");
+  check(qs[0], std::nullopt, blocks);
+  TORCH_CHECK(qs.is_contiguous(), "attnres phase1: qs must be contiguous");
+  const int64_t nq = qs.size(0), d = qs.size(1), N = blocks[0].numel() / d, n = blocks.size();
+  auto opts = qs.options();
+  auto s = at::empty({nq, n, N}, opts), r = at::empty({n, N}, opts), o = at::empty({nq, N, d}, opts);
+  auto m = at::empty({nq, N}, opts), l = at::empty({nq, N}, opts);
+  dispatch(qs.scalar_type(), qs.scalar_type(), [&](auto t_, auto) {
+    using T = decltype(t_);
+    phase1_impl<T>(qs.data_ptr<T>(), nq, eps, gather<T>(blocks), N, d, s.data_ptr<T>(), r.data_ptr<T>(),
+                   o.data_ptr<T>(), m.data_ptr<T>(), l.data_ptr<T>());
+  });
+  return {s, r, o, m, l};
+}
+
+// The merged read: (o, s, r, p, rh) as read_forward returns them over the same sources (the nb completed
+// blocks of s1, then the partial sum if there is one).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> merge_forward(
+    const Tensor& qp, const std::optional<Tensor>& w, double eps, const Tensor& s1_in, const Tensor& r1_in,
+    const Tensor& o1_in, const Tensor& m1_in, const Tensor& l1_in, at::TensorList sources) {
+  check(qp, w, sources);
+  const int64_t d = qp.size(0), N = sources[0].numel() / d, L = sources.size(), nb = s1_in.size(0);
+  const at::ScalarType ot = promoted(sources), ct = qp.scalar_type();
+  TORCH_CHECK(s1_in.dim() == 2 && (L == nb || L == nb + 1), "attnres merge: ", L,
+              " sources for the phase-1 statistics of ", nb, " blocks");
+  const Tensor s1 = s1_in.to(ct).contiguous(), r1 = r1_in.to(ct).contiguous(), o1 = o1_in.to(ct).contiguous();
+  const Tensor m1 = m1_in.to(ct).contiguous(), l1 = l1_in.to(ct).contiguous();
+  TORCH_CHECK(s1.numel() == nb * N && r1.numel() == nb * N && o1.numel() == N * d && m1.numel() == N &&
+                  l1.numel() == N,
+              "attnres merge: phase-1 statistics s ", s1.sizes(), ", r ", r1.sizes(), ", o ", o1.sizes(), ", m ",
+              m1.sizes(), ", l ", l1.sizes(), " do not fit ", nb, " blocks of ", N, " tokens of ", d);
+  auto out = at::empty(sources[0].sizes(), sources[0].options().dtype(ot));
+  auto opts = qp.options();
+  auto s = at::empty({L, N}, opts), r = at::empty({L, N}, opts), p = at::empty({L, N}, opts);
+  auto rh = at::empty({w ? N : 0}, opts);
+  dispatch(ct, ot, [&](auto t_, auto o_) {
+    using T = decltype(t_);
+    using O = decltype(o_);
+    merge_impl<T, O>(qp.data_ptr<T>(), w ? w->data_ptr<T>() : nullptr, eps, gather<T>(sources), nb, N, d,
+                     s1.data_ptr<T>(), r1.data_ptr<T>(), o1.data_ptr<T>(), m1.data_ptr<T>(), l1.data_ptr<T>(),
+                     static_cast<O*>(out.data_ptr()), s.data_ptr<T>(), r.data_ptr<T>(), p.data_ptr<T>(),
+                     w ? rh.data_ptr<T>() : nullptr);
+  });
+  return {out, s, r, p, rh};
+}
+
 // Returns (dqp or [0], dw or [0], the gradients of the sources with need_dv[i], in order).
 std::tuple<Tensor, Tensor, std::vector<Tensor>> read_backward(
     const Tensor& qp, const std::optional<Tensor>& w, const Tensor& s_in, const Tensor& r_in, const Tensor& p_in,
@@ -468,6 +607,8 @@ TORCH_LIBRARY_IMPL(attnres, CPU, m) {
   m.impl("read_forward", TORCH_FN(read_forward));
   m.impl("read_stacked", TORCH_FN(read_stacked));
   m.impl("read_backward", TORCH_FN(read_backward));
+  m.impl("phase1", TORCH_FN(phase1));
+  m.impl("merge_forward", TORCH_FN(merge_forward));
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -486,4 +627,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           return read_backward(qp, w, s, r, p, rh, dy, dp_out, sources, need_dq, need_dw, std::move(flags));
         },
         "AttnRes read backward (CPU): (dqp or [0], dw or [0], [grads of the sources that need one])");
+  m.def("phase1",
+        [](const Tensor& qs, double eps, const std::vector<Tensor>& blocks) { return phase1(qs, eps, blocks); },
+        "Two-phase Block AttnRes, phase 1 (CPU): (s, r, o, m, l)");
+  m.def("merge_forward",
+        [](const Tensor& qp, const std::optional<Tensor>& w, double eps, const Tensor& s1, const Tensor& r1,
+           const Tensor& o1, const Tensor& m1, const Tensor& l1, const std::vector<Tensor>& sources) {
+          return merge_forward(qp, w, eps, s1, r1, o1, m1, l1, sources);
+        },
+        "Two-phase Block AttnRes, the merged read forward (CPU): (o, s, r, p, rh)");
 }
