@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ._checks import source_dtype
-from .grads import Slots
+from .grads import Needs, Slots
 
 try:
     import triton
@@ -315,6 +315,73 @@ def _bwd_kernel(
             tl.store(dw_part + pid * D + cols, dw_acc, mask=cmask)
 
 
+@_jit(do_not_specialize=["NB", "N"])
+def _merge_kernel(
+    qp, w, vp, vp_stride, o1, o1_stride, s1, r1, m1, l1, o, s_buf, r_buf, p_buf, rh_buf, NB, N, D, eps,
+    HAS_P: tl.constexpr, HAS_W: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+):  # fmt: skip
+    """Two-phase merge on a tile of BN tokens: the partial sum vp's rstd and logit, the online-softmax
+    merge with the phase-1 terms (o1, m1, l1), the output norm, and the joint read's s, r, p."""
+    CT = qp.dtype.element_ty
+    rows = (tl.program_id(0) * BN + tl.arange(0, BN)).to(tl.int64)
+    rmask = rows < N
+    cols = tl.arange(0, BD)
+    big = tl.load(m1 + rows, mask=rmask, other=0.0)
+    z = tl.load(l1 + rows, mask=rmask, other=1.0)
+    ca = 1.0 / z
+    cb = tl.zeros([BN], CT)
+    if HAS_P:  # sweep 1: the partial sum's key rstd and logit
+        ss = tl.zeros([BN], CT)
+        dot = tl.zeros([BN], CT)
+        for c0 in range(0, D, BD):
+            cmask = c0 + cols < D
+            v = tl.load(vp + rows[:, None] * vp_stride + c0 + cols[None, :], mask=rmask[:, None] & cmask[None, :],
+                        other=0.0).to(CT)
+            ss += tl.sum(v * v, 1)
+            dot += tl.sum(v * tl.load(qp + c0 + cols, mask=cmask, other=0.0)[None, :], 1)
+        rp = tl.rsqrt(ss / D + eps)
+        sp = dot * rp
+        tl.store(s_buf + NB * N + rows, sp, mask=rmask)
+        tl.store(r_buf + NB * N + rows, rp, mask=rmask)
+        m = big
+        big = tl.maximum(m, sp)
+        a = tl.exp(m - big)
+        b = tl.exp(sp - big)
+        z = a * z + b
+        ca = a / z
+        cb = b / z
+        tl.store(p_buf + NB * N + rows, cb, mask=rmask)
+    for i in range(NB):  # the completed blocks' statistics, from phase 1
+        si = tl.load(s1 + i * N + rows, mask=rmask, other=0.0)
+        tl.store(s_buf + i * N + rows, si, mask=rmask)
+        tl.store(r_buf + i * N + rows, tl.load(r1 + i * N + rows, mask=rmask, other=0.0), mask=rmask)
+        tl.store(p_buf + i * N + rows, tl.exp(si - big) / z, mask=rmask)
+    hss = tl.zeros([BN], CT)
+    for c0 in range(0, D, BD):  # sweep 2: h = ca o1 + cb vp (written out unless the output norm needs |h|)
+        cmask = c0 + cols < D
+        mask = rmask[:, None] & cmask[None, :]
+        h = tl.load(o1 + rows[:, None] * o1_stride + c0 + cols[None, :], mask=mask, other=0.0) * ca[:, None]
+        if HAS_P:
+            v = tl.load(vp + rows[:, None] * vp_stride + c0 + cols[None, :], mask=mask, other=0.0).to(CT)
+            h += v * cb[:, None]
+        if HAS_W:
+            hss += tl.sum(h * h, 1)
+        else:
+            tl.store(o + rows[:, None] * D + c0 + cols[None, :], h.to(o.dtype.element_ty), mask=mask)
+    if HAS_W:  # sweep 3: h recomputed, normalised, scaled by the gain
+        rh = tl.rsqrt(hss / D + eps)
+        tl.store(rh_buf + rows, rh, mask=rmask)
+        for c0 in range(0, D, BD):
+            cmask = c0 + cols < D
+            mask = rmask[:, None] & cmask[None, :]
+            h = tl.load(o1 + rows[:, None] * o1_stride + c0 + cols[None, :], mask=mask, other=0.0) * ca[:, None]
+            if HAS_P:
+                v = tl.load(vp + rows[:, None] * vp_stride + c0 + cols[None, :], mask=mask, other=0.0).to(CT)
+                h += v * cb[:, None]
+            h = h * rh[:, None] * tl.load(w + c0 + cols, mask=cmask, other=0.0)[None, :]
+            tl.store(o + rows[:, None] * D + c0 + cols[None, :], h.to(o.dtype.element_ty), mask=mask)
+
+
 def _rows(x: Tensor, d: int) -> Tensor:
     """x as an [N, D] view with unit column stride; a copy only if no such view exists."""
     f = x.reshape(-1, d)
@@ -382,34 +449,39 @@ class _TritonRead(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy: Tensor | None, dp_out: Tensor | None):
-        qp, w, s, r, p, rh, *flat = ctx.saved_tensors
-        needs = _SLOTS.needs(ctx)
-        ct, d, (L, n), dev = qp.dtype, qp.shape[0], p.shape, qp.device
-        dy = torch.zeros(n, d, dtype=ct, device=dev) if dy is None else dy.reshape(n, d).contiguous()
-        dpo = None if dp_out is None else dp_out.reshape(L, n).to(ct).contiguous()
-        grads = [torch.empty(n, d, dtype=f.dtype, device=dev) if needs.sources[i] else None for i, f in enumerate(flat)]
-        bn, bd, warps = _config(n, d)
-        one_chunk = d <= bd
-        n_blocks = triton.cdiv(n, bn)
-        progs = _programs(dev, n_blocks)
-        part = torch.empty if one_chunk else torch.zeros  # the chunked path accumulates in place
-        dq_part = part(progs, d, dtype=ct, device=dev)
-        dw_part = None if w is None else part(progs, d, dtype=ct, device=dev)
-        if progs > 0:
-            dh_buf = None if w is None or one_chunk else torch.empty(n, d, dtype=ct, device=dev)
-            meta, aligned = _meta(flat, grads)
-            with _device(qp):
-                _bwd_kernel[(progs,)](
-                    meta, qp, w, dy, dpo, s, r, p, rh, dh_buf, dq_part, dw_part, L, n, d, n_blocks,
-                    KINDS=sum({_KIND[f.dtype] for f in flat}), ALIGNED=aligned, HAS_W=w is not None,
-                    HAS_DP=dpo is not None, ONE_CHUNK=one_chunk, BN=bn, BD=bd, num_warps=warps,
-                )  # fmt: skip
-        dqp = dq_part.sum(0) if needs.qp else None
-        dw = dw_part.sum(0) if w is not None and needs.w else None
-        return _SLOTS.grads(dqp, dw, [None if g is None else g.view(ctx.shape) for g in grads])
+        return _SLOTS.grads(*_backward(ctx, dy, dp_out, _SLOTS.needs(ctx)))
 
 
 _SLOTS = Slots.of_function(_TritonRead.forward)
+
+
+def _backward(ctx, dy: Tensor | None, dp_out: Tensor | None, needs: Needs):
+    """(dqp, dw, source grads) of the read from what its forward saved: (qp, w, s, r, p, rh, *flat) and
+    ctx.shape; the read's and the two-phase merge's backward."""
+    qp, w, s, r, p, rh, *flat = ctx.saved_tensors
+    ct, d, (L, n), dev = qp.dtype, qp.shape[0], p.shape, qp.device
+    dy = torch.zeros(n, d, dtype=ct, device=dev) if dy is None else dy.reshape(n, d).contiguous()
+    dpo = None if dp_out is None else dp_out.reshape(L, n).to(ct).contiguous()
+    grads = [torch.empty(n, d, dtype=f.dtype, device=dev) if needs.sources[i] else None for i, f in enumerate(flat)]
+    bn, bd, warps = _config(n, d)
+    one_chunk = d <= bd
+    n_blocks = triton.cdiv(n, bn)
+    progs = _programs(dev, n_blocks)
+    part = torch.empty if one_chunk else torch.zeros  # the chunked path accumulates in place
+    dq_part = part(progs, d, dtype=ct, device=dev)
+    dw_part = None if w is None else part(progs, d, dtype=ct, device=dev)
+    if progs > 0:
+        dh_buf = None if w is None or one_chunk else torch.empty(n, d, dtype=ct, device=dev)
+        meta, aligned = _meta(flat, grads)
+        with _device(qp):
+            _bwd_kernel[(progs,)](
+                meta, qp, w, dy, dpo, s, r, p, rh, dh_buf, dq_part, dw_part, L, n, d, n_blocks,
+                KINDS=sum({_KIND[f.dtype] for f in flat}), ALIGNED=aligned, HAS_W=w is not None,
+                HAS_DP=dpo is not None, ONE_CHUNK=one_chunk, BN=bn, BD=bd, num_warps=warps,
+            )  # fmt: skip
+    dqp = dq_part.sum(0) if needs.qp else None
+    dw = dw_part.sum(0) if w is not None and needs.w else None
+    return dqp, dw, [None if g is None else g.view(ctx.shape) for g in grads]
 
 
 def triton_read(qp: Tensor, w: Tensor | None, eps: float, sources: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
@@ -423,3 +495,55 @@ def triton_read(qp: Tensor, w: Tensor | None, eps: float, sources: Sequence[Tens
     if not TRITON_AVAILABLE:
         raise RuntimeError("triton_read needs triton, which is not installed")
     return _TritonRead.apply(qp, w, float(eps), *sources)
+
+
+class _TritonMerge(torch.autograd.Function):
+    """The two-phase merged read (``two_phase.merged_read``) on the GPU: forward ``_merge_kernel``, backward
+    the read's backward kernel on the joint read's statistics."""
+
+    @staticmethod
+    def forward(ctx, qp: Tensor, w: Tensor | None, eps: float, s1: Tensor, r1: Tensor, o1: Tensor, m1: Tensor,
+                l1: Tensor, *sources: Tensor):
+        for v in sources:
+            if v.dtype not in _KIND:
+                raise TypeError(f"triton_merge supports fp32/bf16/fp16/fp64 sources, got {v.dtype}")
+        ct, d, shape = qp.dtype, qp.shape[0], sources[0].shape
+        flat = [_rows(v, d) for v in sources]
+        n, L, nb = flat[0].shape[0], len(flat), s1.shape[0]
+        if L not in (nb, nb + 1):
+            raise ValueError(f"triton_merge: {L} sources for the phase-1 statistics of {nb} blocks")
+        o = torch.empty(n, d, dtype=source_dtype(sources), device=qp.device)
+        s, r, p = (torch.empty(L, n, dtype=ct, device=qp.device) for _ in range(3))
+        rh = None if w is None else torch.empty(n, dtype=ct, device=qp.device)
+        if n > 0:
+            bn, bd, warps = _config(n, d)
+            o1f = _rows(o1.to(ct), d)
+            vp = flat[nb] if L > nb else o1f  # not read without a partial sum
+            s1, r1, m1, l1 = (t.to(ct).contiguous() for t in (s1, r1, m1, l1))
+            with _device(qp):
+                _merge_kernel[(triton.cdiv(n, bn),)](
+                    qp, w, vp, vp.stride(0), o1f, o1f.stride(0), s1, r1, m1, l1, o, s, r, p, rh, nb, n, d, eps,
+                    HAS_P=L > nb, HAS_W=w is not None, BN=bn, BD=bd, num_warps=warps,
+                )  # fmt: skip
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(qp, w, s, r, p, rh, *flat)
+        ctx.shape = shape
+        return o.view(shape), p.view(L, *shape[:-1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: Tensor | None, dp_out: Tensor | None):
+        return _MERGE_SLOTS.grads(*_backward(ctx, dy, dp_out, _MERGE_SLOTS.needs(ctx)))
+
+
+_MERGE_SLOTS = Slots.of_function(_TritonMerge.forward)
+
+
+def triton_merge(qp: Tensor, w: Tensor | None, eps: float, inter: Sequence[Tensor],
+                 sources: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """``(o, p)`` of the two-phase merged read over ``sources`` (the completed blocks, then the partial sum
+    if any) from this query's phase-1 terms ``inter = (s [n, N], r [n, N], o [N, D], m [N], l [N])``; as
+    ``cpu_kernel.merge`` / ``two_phase._MergedRead``, both outputs differentiable."""
+    if not TRITON_AVAILABLE:
+        raise RuntimeError("triton_merge needs triton, which is not installed")
+    return _TritonMerge.apply(qp, w, float(eps), *inter, *sources)

@@ -12,7 +12,8 @@ schedule: the read's backward is the joint read's, from the same per-token fp32 
 
 On CPU (the fused kernel usable) phase 1 and the merge run in ``csrc/read_cpu.cpp`` (``cpu_kernel.phase1``
 / ``cpu_kernel.merge``; inside ``torch.compile`` the ops ``attnres::phase1`` / ``attnres::merge_forward``,
-the latter with the read's backward registered); elsewhere in PyTorch ops (``_MergedRead``).
+the latter with the read's backward registered); on CUDA with Triton the merge is ``triton_read.triton_merge``
+(forward kernel, the read's backward kernel) and phase 1 PyTorch ops; elsewhere PyTorch ops (``_MergedRead``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch.autograd.function import once_differentiable
 from . import cpu_kernel
 from ._checks import compute_dtype, source_dtype
 from .attn_res import _finish_forward, _flat, _read_backward, rstd
-from .dispatch import CPU, read_impl
+from .dispatch import CPU, TRITON, read_impl
 from .grads import Slots
 
 
@@ -130,8 +131,13 @@ def merged_read(
     sources = (*blocks, partial) if partial is not None else tuple(blocks)
     w = None if output_rms_weight is None else output_rms_weight.to(qp.dtype).contiguous()
     qp = qp.contiguous()
-    if read_impl(qp, sources, w) == CPU:  # forward and backward fused (the attnres:: ops when compiling)
+    impl = read_impl(qp, sources, w)
+    if impl == CPU:  # forward and backward fused (the attnres:: ops when compiling)
         return cpu_kernel.merge(qp, w, float(rms_eps), inter.tensors(), sources)
+    if impl == TRITON:
+        from .triton_read import triton_merge
+
+        return triton_merge(qp, w, float(rms_eps), inter.tensors(), sources)
     return _MergedRead.apply(qp, w, float(rms_eps), inter, *sources)
 
 

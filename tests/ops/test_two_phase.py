@@ -271,3 +271,79 @@ def test_compiled_two_phase_calls_the_ops_and_matches_eager(cpu_read_impl):
         return
     assert fw.count("attnres.phase1.default") == 1 and fw.count("attnres.merge_forward.default") == 2
     assert "attnres.read_forward.default" not in fw and bw.count("attnres.read_backward.default") == 2
+
+
+# ---- the Triton merge (CUDA; on the CPU under TRITON_INTERPRET=1) ----
+
+INTERPRET = __import__("os").environ.get("TRITON_INTERPRET") == "1"
+
+
+def _triton_merge_case(dtypes, partial, output_norm, d, tokens=(2, 5), seed=0):
+    """triton_merge's (o, p) and the gradients of q', w and every source, against naive_attn_res in
+    float64 on the same values; phase 1 from PyTorch ops (its o is a row-strided [N, D] view)."""
+    from attnres.ops import triton_read as tr
+    from attnres.ops.two_phase import InterBlock, _phase1_torch
+
+    dev = "cpu" if INTERPRET else "cuda"
+    g = torch.Generator().manual_seed(seed)
+    n = len(dtypes) - partial
+    ct = F64 if all(dt == F64 for dt in dtypes) else F32
+    src = [(torch.randn(*tokens, d, generator=g, dtype=F64) * (1 + i)).to(dev, dt) for i, dt in enumerate(dtypes)]
+    qs = (torch.randn(2, d, generator=g, dtype=F64) * 2 / d**0.5).to(dev, ct)
+    w = (1 + 0.2 * torch.randn(d, generator=g, dtype=F64)).to(dev, ct) if output_norm else None
+    s, r, o, m, l = _phase1_torch(qs, src[:n], 1e-6)
+    inter = InterBlock(s[1], r, o[1], m[1], l[1])
+    leaves = [qs[1].clone().requires_grad_(), *(v.clone().requires_grad_() for v in src)]
+    leaves += [w.clone().requires_grad_()] if output_norm else []
+    got_o, got_p = tr.triton_merge(leaves[0], leaves[-1] if output_norm else None, 1e-6, inter.tensors(),
+                                   leaves[1:1 + len(src)])
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    want_o, want_p = naive_attn_res(ref[0], ref[1:1 + len(src)], output_rms_weight=ref[-1] if output_norm else None,
+                                    rms_eps=1e-6, return_weights=True)
+    dy = torch.randn(got_o.shape, generator=g, dtype=F64).to(dev, got_o.dtype)
+    dp = torch.randn(got_p.shape, generator=g, dtype=F64).to(dev)
+    got = torch.autograd.grad([got_o, got_p], leaves, [dy, dp.to(got_p.dtype)])
+    want = torch.autograd.grad([want_o, want_p], ref, [dy.double(), dp])
+    assert got_o.dtype == want_o.dtype if ct == F64 else True
+    if ct == F64:
+        tol = dict(rtol=1e-10, atol=1e-12)
+        pairs = [(got_o, want_o, tol), (got_p, want_p, tol)] + [(a, b, tol) for a, b in zip(got, want, strict=True)]
+    else:
+        out_tol = TOL[got_o.dtype] if got_o.dtype in TOL else TOL[F32]
+        pairs = [(got_o, want_o, out_tol), (got_p, want_p, TOL[F32])]
+        pairs += [(a, b, TOL_SUM if x is leaves[0] or (output_norm and x is leaves[-1]) else TOL[x.dtype])
+                  for a, b, x in zip(got, want, leaves, strict=True)]
+    for a, b, tol in pairs:
+        torch.testing.assert_close(a.double().cpu(), b.detach().cpu(), **tol)
+
+
+def _triton_or_skip(cpu_read_impl):
+    pytest.importorskip("triton")
+    if not (torch.cuda.is_available() or INTERPRET):
+        pytest.skip("needs a CUDA GPU or TRITON_INTERPRET=1")
+    if cpu_read_impl == "torch":
+        pytest.skip("the Triton merge does not depend on the CPU kernel: run once")
+
+
+@pytest.mark.parametrize("n_blocks, d, tokens", [(1, 7, (2, 5)), (4, 33, (3, 5)), (3, 1, (1,)), (2, 130, (1, 1))])
+@pytest.mark.parametrize("partial", [False, True])
+@pytest.mark.parametrize("output_norm", [False, True])
+def test_triton_merge_float64_against_reference(n_blocks, d, tokens, partial, output_norm, cpu_read_impl):
+    _triton_or_skip(cpu_read_impl)
+    _triton_merge_case([F64] * (n_blocks + partial), partial, output_norm, d, tokens, seed=n_blocks * 10 + d)
+
+
+@pytest.mark.parametrize("output_norm", [False, True])
+def test_triton_merge_d_chunked(output_norm, cpu_read_impl, monkeypatch):
+    _triton_or_skip(cpu_read_impl)
+    from attnres.ops import triton_read as tr
+
+    monkeypatch.setattr(tr, "BLOCK_D_MAX", 16)  # D = 37: three chunks, the last partial
+    _triton_merge_case([F64] * 4, True, output_norm, 37, (3, 4), seed=3)
+
+
+@pytest.mark.parametrize("dtypes", [[BF16] * 3, [F32, BF16, BF16]])
+@pytest.mark.parametrize("output_norm", [False, True])
+def test_triton_merge_16bit_and_mixed(dtypes, output_norm, cpu_read_impl):
+    _triton_or_skip(cpu_read_impl)
+    _triton_merge_case(dtypes, True, output_norm, 40, (2, 7), seed=4)
