@@ -300,7 +300,9 @@ def _scaling_parser(sub) -> None:
         "seeds, interpolated only (extrapolated points are counted and left out); also per size and leaving one "
         "rung out. Writes OUT/report.md, OUT/summary.json, OUT/scaling.png; runs under OUT/<size>/<arm>-s<seed>/"
         "rung-<steps>/. Running it again with the same arguments skips finished rungs and continues "
-        "interrupted ones.",
+        "interrupted ones. The budgets, sizes and schedule are the options': a --config's max_steps, schedule, "
+        "decay_fraction, hidden_size, num_hidden_layers and intermediate_size are replaced (--set of them is an "
+        "error).",
     )
     sc.add_argument("arms", nargs="+", metavar="ARM", help="SCHEME[:KEY=VALUE,...] as for ablate; schemes: "
                     + ", ".join(RESIDUALS))

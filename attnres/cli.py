@@ -221,56 +221,58 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ablate(args: argparse.Namespace) -> int:
-    from .train.ablate import ablate, parse_arms, print_table
+def _arms_config(args: argparse.Namespace, command: str, own: dict[str, str]):
+    """(baseline, arms, config) of ablate / scaling: one process, seeds >= 1, and no --set of the keys the
+    command sets itself (``own``: key -> the option that sets it; a --config's value for them is replaced)."""
+    from .train.ablate import parse_arms
     from .train.config import load_config, parse_set
 
     if args.seeds < 1:
         raise _user_error(f"--seeds must be >= 1, got {args.seeds}")
     if _world_size() > 1:
-        raise _user_error("ablate runs its arms in one process; run it without torchrun")
+        raise _user_error(f"{command} trains in this process (scaling: --jobs workers); run it without torchrun")
     overrides = parse_set(args.set)
-    for key in ("residual", "seed"):
+    for key in ("residual", "seed", *own):
         if key in overrides:
-            raise _user_error(f"ablate sets {key!r} itself (the ARMs; seeds 0..K-1 via --seeds); do not --set it")
+            what = {"residual": "the ARMs", "seed": "--seeds", **own}[key]
+            raise _user_error(f"{command} sets {key!r} itself ({what}); do not --set it")
     base, arms = parse_arms(args.arms, args.baseline)
     cfg = load_config(args.preset, args.config, {**overrides, "residual": base.scheme},
                       residuals=[a.scheme for a in arms])
+    return base, arms, cfg
+
+
+def _argv(args) -> list[str]:
+    return sys.argv[1:] if args.argv is None else args.argv
+
+
+def _ablate(args: argparse.Namespace) -> int:
+    from .train.ablate import ablate, print_table
+
+    base, arms, cfg = _arms_config(args, "ablate", {})
     out = _out(args, Path("runs") / f"ablate-{args.preset}")
     seeds = list(range(args.seeds))
     summary = ablate(cfg, out, arms, baseline=base, seeds=seeds, preset=args.preset, resume=args.resume,
-                     overwrite=args.overwrite, progress=_progress(args),
-                     argv=sys.argv[1:] if args.argv is None else args.argv)
+                     overwrite=args.overwrite, progress=_progress(args), argv=_argv(args))
     print_table(summary, f"attnres ablate --preset {args.preset} (baseline {base.spec}; seeds "
                          f"{', '.join(map(str, seeds))})")
     print(f"report: {out / 'report.md'}  summary: {out / 'summary.json'}  plot: {out / 'ablate.png'}")
     return 0
 
 
+SCALING_KEYS = {"max_steps": "--rungs", "schedule": "WSD", "decay_fraction": "--decay-fraction",
+                "hidden_size": "--sizes", "num_hidden_layers": "--sizes", "intermediate_size": "--sizes"}
+
+
 def _scaling(args: argparse.Namespace) -> int:
-    from .train.ablate import parse_arms
-    from .train.config import load_config, parse_set
     from .train.scaling import scaling
 
-    if args.seeds < 1:
-        raise _user_error(f"--seeds must be >= 1, got {args.seeds}")
-    if _world_size() > 1:
-        raise _user_error("scaling runs its units in worker processes (--jobs); run it without torchrun")
-    overrides = parse_set(args.set)
-    for key in ("residual", "seed", "max_steps", "schedule", "decay_fraction", "hidden_size", "num_hidden_layers",
-                "intermediate_size"):
-        if key in overrides:
-            raise _user_error(f"scaling sets {key!r} itself (ARMs, --seeds, --rungs, --decay-fraction, --sizes); "
-                              "do not --set it")
-    base, arms = parse_arms(args.arms, args.baseline)
-    cfg = load_config(args.preset, args.config, {**overrides, "residual": base.scheme},
-                      residuals=[a.scheme for a in arms])
+    base, arms, cfg = _arms_config(args, "scaling", SCALING_KEYS)
     out = _out(args, Path("runs") / f"scaling-{args.preset}")
     sizes = [s for s in args.sizes.split(",") if s.strip()]
     scaling(cfg, out, arms, sizes=sizes, rungs=args.rungs, baseline=base, seeds=list(range(args.seeds)),
             decay_fraction=args.decay_fraction, jobs=args.jobs, overwrite=args.overwrite,
-            keep_checkpoints=args.keep_checkpoints, progress=_progress(args),
-            argv=sys.argv[1:] if args.argv is None else args.argv)
+            keep_checkpoints=args.keep_checkpoints, progress=_progress(args), argv=_argv(args))
     print(f"report: {out / 'report.md'}  summary: {out / 'summary.json'}  plot: {out / 'scaling.png'}")
     return 0
 
