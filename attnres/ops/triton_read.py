@@ -315,6 +315,77 @@ def _bwd_kernel(
             tl.store(dw_part + pid * D + cols, dw_acc, mask=cmask)
 
 
+@_jit(do_not_specialize=["L", "N", "S"])
+def _phase1_kernel(
+    meta, qs, s_buf, r_buf, o, m_buf, l_buf, L, N, D, S, eps,
+    KINDS: tl.constexpr, ALIGNED: tl.constexpr, ONE_CHUNK: tl.constexpr, SP: tl.constexpr,
+    BN: tl.constexpr, BD: tl.constexpr,
+):  # fmt: skip
+    """Two-phase phase 1 on a tile of BN tokens: the S queries (padded to SP) scored against each block
+    tile as it is loaded, s [S, L, N], r [L, N], and per query the online-softmax m, l [S, N] and the
+    un-normalised mix o [S, N, D]. D <= BD: one read of each block (the S mixes rescaled online in
+    registers); wider D: two sweeps (logits chunk by chunk, then the mixes chunk by chunk)."""
+    CT = qs.dtype.element_ty
+    rows = (tl.program_id(0) * BN + tl.arange(0, BN)).to(tl.int64)
+    rmask = rows < N
+    cols = tl.arange(0, BD)
+    js = tl.arange(0, SP)
+    jmask = js < S
+    smask = jmask[:, None] & rmask[None, :]
+    m = tl.full([SP, BN], float("-inf"), CT)
+    l = tl.zeros([SP, BN], CT)
+    if ONE_CHUNK:
+        cmask = cols < D
+        mask = rmask[:, None] & cmask[None, :]
+        q = tl.load(qs + js[:, None] * D + cols[None, :], mask=jmask[:, None] & cmask[None, :], other=0.0)
+        acc = tl.zeros([SP, BN, BD], CT)
+        for i in range(L):
+            v = _load_src(meta, L, i, rows, cols, mask, CT, KINDS, ALIGNED)
+            r = tl.rsqrt(tl.sum(v * v, 1) / D + eps)
+            s = tl.sum(v[None, :, :] * q[:, None, :], 2) * r[None, :]
+            tl.store(s_buf + (js[:, None] * L + i) * N + rows[None, :], s, mask=smask)
+            tl.store(r_buf + i * N + rows, r, mask=rmask)
+            m_new = tl.maximum(m, s)
+            alpha = tl.exp(m - m_new)
+            e = tl.exp(s - m_new)
+            l = l * alpha + e
+            acc = acc * alpha[:, :, None] + e[:, :, None] * v[None, :, :]
+            m = m_new
+        offs = (js[:, None, None] * N + rows[None, :, None]) * D + cols[None, None, :]
+        tl.store(o + offs, acc, mask=smask[:, :, None] & cmask[None, None, :])
+    else:
+        for i in range(L):  # sweep 1: rstd and the S logits of each block, D-chunk by D-chunk
+            ss = tl.zeros([BN], CT)
+            dot = tl.zeros([SP, BN], CT)
+            for c0 in range(0, D, BD):
+                cmask = c0 + cols < D
+                v = _load_src(meta, L, i, rows, c0 + cols, rmask[:, None] & cmask[None, :], CT, KINDS, ALIGNED)
+                q = tl.load(qs + js[:, None] * D + c0 + cols[None, :], mask=jmask[:, None] & cmask[None, :],
+                            other=0.0)
+                ss += tl.sum(v * v, 1)
+                dot += tl.sum(v[None, :, :] * q[:, None, :], 2)
+            r = tl.rsqrt(ss / D + eps)
+            s = dot * r[None, :]
+            tl.store(s_buf + (js[:, None] * L + i) * N + rows[None, :], s, mask=smask)
+            tl.store(r_buf + i * N + rows, r, mask=rmask)
+            m_new = tl.maximum(m, s)
+            l = l * tl.exp(m - m_new) + tl.exp(s - m_new)
+            m = m_new
+        tl.debug_barrier()  # s was written by other threads of this program
+        for c0 in range(0, D, BD):  # sweep 2: the S mixes, each block chunk loaded once
+            cmask = c0 + cols < D
+            mask = rmask[:, None] & cmask[None, :]
+            acc = tl.zeros([SP, BN, BD], CT)
+            for i in range(L):
+                s = tl.load(s_buf + (js[:, None] * L + i) * N + rows[None, :], mask=smask, other=0.0)
+                v = _load_src(meta, L, i, rows, c0 + cols, mask, CT, KINDS, ALIGNED)
+                acc += tl.exp(s - m)[:, :, None] * v[None, :, :]
+            offs = (js[:, None, None] * N + rows[None, :, None]) * D + c0 + cols[None, None, :]
+            tl.store(o + offs, acc, mask=smask[:, :, None] & cmask[None, None, :])
+    tl.store(m_buf + js[:, None] * N + rows[None, :], m, mask=smask)
+    tl.store(l_buf + js[:, None] * N + rows[None, :], l, mask=smask)
+
+
 @_jit(do_not_specialize=["NB", "N"])
 def _merge_kernel(
     qp, w, vp, vp_stride, o1, o1_stride, s1, r1, m1, l1, o, s_buf, r_buf, p_buf, rh_buf, NB, N, D, eps,
@@ -547,3 +618,33 @@ def triton_merge(qp: Tensor, w: Tensor | None, eps: float, inter: Sequence[Tenso
     if not TRITON_AVAILABLE:
         raise RuntimeError("triton_merge needs triton, which is not installed")
     return _TritonMerge.apply(qp, w, float(eps), *inter, *sources)
+
+
+def triton_phase1(qs: Tensor, eps: float, blocks: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Phase 1 of two-phase Block AttnRes on the GPU (no autograd), as ``cpu_kernel.phase1``: folded
+    queries ``qs`` [S, D] in the compute dtype against ``blocks`` (any mix of fp32/bf16/fp16, or fp64) ->
+    ``(s [S, n, N], r [n, N], o [S, N, D], m [S, N], l [S, N])``."""
+    if not TRITON_AVAILABLE:
+        raise RuntimeError("triton_phase1 needs triton, which is not installed")
+    for v in blocks:
+        if v.dtype not in _KIND:
+            raise TypeError(f"triton_phase1 supports fp32/bf16/fp16/fp64 sources, got {v.dtype}")
+    qs = qs.contiguous()
+    (k, d), ct, dev = qs.shape, qs.dtype, qs.device
+    flat = [_rows(v, d) for v in blocks]
+    n, L = flat[0].shape[0], len(flat)
+    s, r = torch.empty(k, L, n, dtype=ct, device=dev), torch.empty(L, n, dtype=ct, device=dev)
+    o = torch.empty(k, n, d, dtype=ct, device=dev)
+    m, l = torch.empty(k, n, dtype=ct, device=dev), torch.empty(k, n, dtype=ct, device=dev)
+    if n > 0:
+        sp = triton.next_power_of_2(k)
+        bd = min(triton.next_power_of_2(d), BLOCK_D_MAX)
+        bn = max(1, min(_TILE // (bd * sp), triton.next_power_of_2(n)))  # S x BN x BD accumulators per tile
+        meta, aligned = _meta(flat)
+        with _device(qs):
+            _phase1_kernel[(triton.cdiv(n, bn),)](
+                meta, qs, s, r, o, m, l, L, n, d, k, eps,
+                KINDS=sum({_KIND[v.dtype] for v in flat}), ALIGNED=aligned, ONE_CHUNK=d <= bd, SP=sp,
+                BN=bn, BD=bd, num_warps=min(16, max(1, sp * bn * bd // 256)),
+            )  # fmt: skip
+    return s, r, o, m, l

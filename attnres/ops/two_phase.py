@@ -12,8 +12,8 @@ schedule: the read's backward is the joint read's, from the same per-token fp32 
 
 On CPU (the fused kernel usable) phase 1 and the merge run in ``csrc/read_cpu.cpp`` (``cpu_kernel.phase1``
 / ``cpu_kernel.merge``; inside ``torch.compile`` the ops ``attnres::phase1`` / ``attnres::merge_forward``,
-the latter with the read's backward registered); on CUDA with Triton the merge is ``triton_read.triton_merge``
-(forward kernel, the read's backward kernel) and phase 1 PyTorch ops; elsewhere PyTorch ops (``_MergedRead``).
+the latter with the read's backward registered); on CUDA with Triton ``triton_read.triton_phase1`` and
+``triton_read.triton_merge`` (its backward the read's backward kernel); elsewhere PyTorch ops (``_MergedRead``).
 """
 
 from __future__ import annotations
@@ -81,8 +81,13 @@ def phase1(queries: Tensor, blocks: Sequence[Tensor], eps: float) -> list[InterB
     queries (key rstd, logits, online-softmax statistics and the mix per token row); the PyTorch ops
     sweep each block twice (logits as one [S, D] x [D, N] matmul, then the mix)."""
     qs = queries.detach().contiguous()
-    if read_impl(qs[0], blocks) == CPU:
+    impl = read_impl(qs[0], blocks)
+    if impl == CPU:
         s, r, o, m, l = cpu_kernel.phase1(qs, eps, blocks)
+    elif impl == TRITON:
+        from .triton_read import triton_phase1
+
+        s, r, o, m, l = triton_phase1(qs, eps, blocks)
     else:
         with torch.autocast(queries.device.type, enabled=False):  # logits in the compute dtype, never bf16
             s, r, o, m, l = _phase1_torch(qs, blocks, eps)

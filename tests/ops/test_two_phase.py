@@ -278,9 +278,9 @@ def test_compiled_two_phase_calls_the_ops_and_matches_eager(cpu_read_impl):
 INTERPRET = __import__("os").environ.get("TRITON_INTERPRET") == "1"
 
 
-def _triton_merge_case(dtypes, partial, output_norm, d, tokens=(2, 5), seed=0):
+def _triton_merge_case(dtypes, partial, output_norm, d, tokens=(2, 5), seed=0, triton_phase1=False):
     """triton_merge's (o, p) and the gradients of q', w and every source, against naive_attn_res in
-    float64 on the same values; phase 1 from PyTorch ops (its o is a row-strided [N, D] view)."""
+    float64 on the same values; phase 1 from PyTorch ops (its o is a row-strided [N, D] view) or Triton."""
     from attnres.ops import triton_read as tr
     from attnres.ops.two_phase import InterBlock, _phase1_torch
 
@@ -291,7 +291,7 @@ def _triton_merge_case(dtypes, partial, output_norm, d, tokens=(2, 5), seed=0):
     src = [(torch.randn(*tokens, d, generator=g, dtype=F64) * (1 + i)).to(dev, dt) for i, dt in enumerate(dtypes)]
     qs = (torch.randn(2, d, generator=g, dtype=F64) * 2 / d**0.5).to(dev, ct)
     w = (1 + 0.2 * torch.randn(d, generator=g, dtype=F64)).to(dev, ct) if output_norm else None
-    s, r, o, m, l = _phase1_torch(qs, src[:n], 1e-6)
+    s, r, o, m, l = tr.triton_phase1(qs, 1e-6, src[:n]) if triton_phase1 else _phase1_torch(qs, src[:n], 1e-6)
     inter = InterBlock(s[1], r, o[1], m[1], l[1])
     leaves = [qs[1].clone().requires_grad_(), *(v.clone().requires_grad_() for v in src)]
     leaves += [w.clone().requires_grad_()] if output_norm else []
@@ -347,3 +347,34 @@ def test_triton_merge_d_chunked(output_norm, cpu_read_impl, monkeypatch):
 def test_triton_merge_16bit_and_mixed(dtypes, output_norm, cpu_read_impl):
     _triton_or_skip(cpu_read_impl)
     _triton_merge_case(dtypes, True, output_norm, 40, (2, 7), seed=4)
+
+
+@pytest.mark.parametrize("n_blocks, s, d, tokens", [(1, 1, 7, (2, 5)), (4, 3, 33, (3, 5)), (3, 2, 1, (1,)),
+                                                     (2, 4, 130, (1, 1))])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_triton_phase1_equals_pytorch_phase1_float64(n_blocks, s, d, tokens, chunked, cpu_read_impl, monkeypatch):
+    _triton_or_skip(cpu_read_impl)
+    from attnres.ops import triton_read as tr
+    from attnres.ops.two_phase import _phase1_torch
+
+    if chunked:
+        monkeypatch.setattr(tr, "BLOCK_D_MAX", 16)  # the two-sweep form (a no-op for D <= 16)
+    dev = "cpu" if INTERPRET else "cuda"
+    g = torch.Generator().manual_seed(n_blocks * 10 + s)
+    blocks = [(torch.randn(*tokens, d, dtype=F64, generator=g) * (1 + i)).to(dev) for i in range(n_blocks)]
+    qs = (torch.randn(s, d, dtype=F64, generator=g) * 2 / d**0.5).to(dev)
+    got, want = tr.triton_phase1(qs, 1e-6, blocks), _phase1_torch(qs, blocks, 1e-6)
+    for name, a, b in zip("sroml", got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("dtypes", [[BF16] * 3, [F32, BF16, BF16]])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_triton_phase1_and_merge_16bit_and_mixed(dtypes, chunked, cpu_read_impl, monkeypatch):
+    _triton_or_skip(cpu_read_impl)
+    from attnres.ops import triton_read as tr
+
+    if chunked:
+        monkeypatch.setattr(tr, "BLOCK_D_MAX", 16)
+    _triton_merge_case(dtypes, True, True, 40, (2, 7), seed=5, triton_phase1=True)
+    _triton_merge_case([F64] * 4, False, False, 33, (3,), seed=6, triton_phase1=True)
