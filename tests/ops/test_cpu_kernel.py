@@ -222,3 +222,29 @@ def test_merged_read_fused_backward_16bit_and_mixed(mode, n, shape, output_norm,
 
     check_16bit_read(read, mode, n, shape, output_norm, seed=n)
     assert calls == [1]
+
+
+def test_two_phase_kernels_are_the_same_with_several_threads():
+    """phase1 and merge_forward work per token row: bit-equal outputs and source gradients at 1 and 3
+    threads (the query's gradient sums per-thread partials, so only to rounding)."""
+    from attnres.ops import two_phase_attn_res
+
+    gen = torch.Generator().manual_seed(9)
+    blocks = [torch.randn(3, 70, 40, generator=gen, requires_grad=True) for _ in range(3)]
+    partials = [None, torch.randn(3, 70, 40, generator=gen).bfloat16().requires_grad_()]
+    q = torch.randn(2, 40, generator=gen, requires_grad=True)
+    og = torch.rand(40, generator=gen) + 0.5
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            outs = two_phase_attn_res(q, blocks, partials, output_rms_weight=og)
+            leaves = [q, *blocks, partials[1]]
+            results.append((*outs, *torch.autograd.grad(sum(o.float().square().sum() for o in outs), leaves)))
+    finally:
+        torch.set_num_threads(threads)
+    (*same_a, dq_a), (*same_b, dq_b) = [(*r[:2], *r[3:], r[2]) for r in results]
+    for a, b in zip(same_a, same_b, strict=True):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(dq_a, dq_b, rtol=1e-5, atol=1e-6)
