@@ -16,9 +16,10 @@ SECTIONS = {"op": op, "step": step, "memory": memory, "decode": decode}
 EXTRA = {"pipeline": pipeline}  # not in "all": it spawns 2 processes (gloo)
 HELP = {
     "op": "one AttnRes read: ours vs paper pseudocode vs fla naive vs our naive; time, GB/s, fraction of copy",
-    "step": "training step (fwd+bwd+AdamW) standard vs full vs block, eager and torch.compile; tokens/s",
+    "step": "training step (fwd+bwd+AdamW) standard vs full vs block (two-phase on/off) at chosen shapes, "
+    "fp32 and bf16 autocast, eager and torch.compile; time ratios to standard",
     "memory": "bytes of distinct storages saved for backward by one training forward",
-    "decode": "greedy generate with KV cache: per-token latency, batch 1 and 8",
+    "decode": "greedy generate with KV cache: per-token latency and tokens/s, batch 1 and 8, fp32 and bf16",
     "all": "every benchmark above; writes OUT/results.json and OUT/results.md",
     "pipeline": "pipeline parallelism: tensors/bytes per hop naive vs cached (paper shapes, this run) and the "
     "step time of a 2-process pipeline with and without the cross-stage cache (not part of 'all')",
@@ -68,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(str(e)) from e
     sections = SECTIONS | EXTRA
     names = list(SECTIONS) if args.command == "all" else [args.command]
+    for name in names:  # every section's options are checked before any runs (one-line errors)
+        if hasattr(sections[name], "check"):
+            sections[name].check(args)
     out = Path(args.out)
     results = {"machine": machine_info(device), "quick": args.quick, "sections": {}}
     md = [f"# attnres benchmarks{' (quick)' if args.quick else ''}", "", machine_md(results["machine"])]

@@ -37,11 +37,13 @@ def interleaved(
     repeats: int,
     warmup: int = 1,
     device: torch.device | str = "cpu",
+    progress: Callable[[int, dict[str, float]], None] | None = None,
 ) -> dict[str, list[float]]:
     """Time every function ``repeats`` times, one call of each per round, rotating the order per round.
 
     Interleaving makes slow drifts of a shared machine (other processes, frequency) hit every
     variant alike, so ratios taken within a round are fairer than ratios of separate runs.
+    ``progress(round, {name: seconds})`` is called after each round.
     """
     names = list(fns)
     for _ in range(warmup):
@@ -53,6 +55,8 @@ def interleaved(
         k = r % len(names)
         for name in names[k:] + names[:k]:
             times[name].append(time_once(fns[name], device))
+        if progress is not None:
+            progress(r, {name: times[name][-1] for name in names})
     return times
 
 
@@ -239,3 +243,88 @@ def build_model(residual: str, seed: int, device: torch.device, quick: bool = Fa
         kw.setdefault("attn_res_block_size", 2)
     torch.manual_seed(seed)
     return AttnResForCausalLM(AttnResConfig(residual=arm.scheme, **kw)).to(device)
+
+
+# ---- shapes, dtypes and modes of the step/decode benchmarks (issue 13) --------------------------------------
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # step: autocast dtype (None = off); decode: weight dtype
+MODES = ("eager", "compiled")
+
+
+def parse_choices(option: str, text: str, allowed: Sequence[str]) -> list[str]:
+    """``a,b`` -> ['a', 'b'], each in ``allowed`` and once; else a one-line ``SystemExit`` naming what is allowed."""
+    items = [s.strip() for s in str(text).split(",") if s.strip()]
+    if not items:
+        raise SystemExit(f"{option}: give at least one of {', '.join(allowed)} (comma-separated), got {text!r}")
+    for s in items:
+        if s not in allowed:
+            raise SystemExit(f"{option}: {s!r} is not one of {', '.join(allowed)}")
+    if len(set(items)) != len(items):
+        raise SystemExit(f"{option}: {text!r} names an entry twice")
+    return items
+
+
+def shape_model_kwargs(hidden: int, layers: int, quick: bool = False) -> dict:
+    """Model of a benchmark shape: head dim 16 (hidden < 128), 32 (<= 256) or 64, half as many KV heads,
+    MLP 2.75 x hidden, vocab 8192 (1024 with --quick). 256 x 8 is exactly the reference model."""
+    head_dim = 16 if hidden < 128 else 32 if hidden <= 256 else 64
+    heads = hidden // head_dim
+    return dict(
+        vocab_size=1024 if quick else 8192,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2 if heads % 2 == 0 else heads,
+        intermediate_size=hidden * 11 // 4,
+    )
+
+
+def parse_shapes(option: str, text: str, default_batch: int | None, fields: int = 3) -> list[dict]:
+    """``HIDDENxLAYERSxSEQ[xBATCH],...`` (``fields`` = 3) or ``HIDDENxLAYERS,...`` (``fields`` = 2) -> a list of
+    dicts; a one-line ``SystemExit`` naming the form and the limits on a bad entry."""
+    names = ["hidden", "layers", "seq", "batch"][: fields + (1 if fields == 3 else 0)]
+    form = "HIDDENxLAYERSxSEQ[xBATCH]" if fields == 3 else "HIDDENxLAYERS"
+    shapes = []
+    items = [s.strip() for s in str(text).split(",") if s.strip()]
+    if not items:
+        raise SystemExit(f"{option}: give at least one shape {form} (comma-separated), got {text!r}")
+    for item in items:
+        parts = item.lower().split("x")
+        if len(parts) not in (fields, len(names)) or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise SystemExit(f"{option}: {item!r} is not {form} with positive integers (e.g. 768x12"
+                             f"{'x512 or 768x12x512x2' if fields == 3 else ''})")
+        shape = dict(zip(names, map(int, parts), strict=False))
+        if shape["hidden"] % 64:
+            raise SystemExit(f"{option}: {item!r}: hidden size must be a multiple of 64, got {shape['hidden']}")
+        if fields == 3:
+            shape.setdefault("batch", default_batch)
+        shapes.append(shape)
+    labels = [shape_label(s) for s in shapes]
+    if len(set(labels)) != len(labels):
+        raise SystemExit(f"{option}: {text!r} names a shape twice")
+    return shapes
+
+
+def shape_label(shape: dict) -> str:
+    label = f"d{shape['hidden']}xL{shape['layers']}"
+    if "seq" in shape:
+        label += f" {shape['batch']}x{shape['seq']}"
+    return label
+
+
+def build_arm_model(scheme: str, overrides: dict, shape: dict, seed: int, device: torch.device,
+                    quick: bool = False, num_blocks: int = 8):
+    """``AttnResForCausalLM`` of ``shape`` with ``residual=scheme`` and config ``overrides``; Block gets
+    N = ``num_blocks`` blocks unless the overrides set its size (at 256 x 8, N = 8 is S = 2, the reference)."""
+    from attnres import AttnResConfig, AttnResForCausalLM
+
+    kw = shape_model_kwargs(shape["hidden"], shape["layers"], quick) | dict(overrides)
+    if scheme == "block" and not {"attn_res_block_size", "attn_res_block_layers"} & set(overrides):
+        kw.setdefault("attn_res_num_blocks", num_blocks)
+    torch.manual_seed(seed)
+    config = AttnResConfig(residual=scheme, **kw)
+    return AttnResForCausalLM(config).to(device), kw | {"residual": scheme, "block_size": config.block_size}
+
+
+def spread(xs: Sequence[float]) -> tuple[float, float]:
+    return (min(xs), max(xs)) if xs else (math.nan, math.nan)

@@ -70,8 +70,9 @@ def test_every_variant_is_timed_or_says_why_not(quick_results):
 
 def test_quick_run_times_all_three_residuals(quick_results):
     secs = quick_results[0]["sections"]
-    for name in ("step", "memory", "decode"):
+    for name in ("memory", "decode"):
         assert {r["residual"] for r in secs[name]["rows"]} == {"standard", "full", "block"}, name
+    assert {r["residual"] for r in secs["step"]["rows"]} == {"standard", "full", "block", "block-no-two-phase"}
     assert all(r["tokens_per_s"] > 0 for r in secs["step"]["rows"])
     assert all(r["saved_bytes_activations"] > 0 for r in secs["memory"]["rows"])
 
@@ -81,3 +82,100 @@ def test_variants_agree_on_the_read(quick_results):
     for r in quick_results[0]["sections"]["op"]["rows"]:
         if "max_abs_diff_vs_ours" in r:
             assert r["max_abs_diff_vs_ours"] < 1e-3, r
+
+
+# ---- issue 13: shapes, dtypes and modes of step and decode ------------------------------------------------------
+
+STEP_ARMS = {"standard", "full", "block", "block-no-two-phase"}
+
+
+@pytest.fixture(scope="module")
+def step_matrix(tmp_path_factory):
+    """The step benchmark at two tiny shapes, fp32 and bf16, eager and compiled (aot_eager: no code generation,
+    so the smoke run stays in seconds), one round."""
+    out = tmp_path_factory.mktemp("step")
+    cmd = [sys.executable, "-m", "benchmarks", "step", "--shapes", "64x2x64x1,128x3x64", "--batch", "2"]
+    cmd += ["--dtypes", "fp32,bf16", "--modes", "eager,compiled", "--compile-backend", "aot_eager"]
+    cmd += ["--repeats", "1", "--warmup", "0", "--device", "cpu", "--threads", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((out / "step.json").read_text()), (out / "step.md").read_text(), proc.stdout
+
+
+def test_step_times_every_arm_dtype_mode_and_shape(step_matrix):
+    res, md, stdout = step_matrix
+    sec = res["sections"]["step"]
+    got = {(r["shape"], r["residual"], r["dtype"], r["mode"]) for r in sec["rows"]}
+    shapes = ["d64xL2 1x64", "d128xL3 2x64"]  # the second takes --batch
+    want = {(s, a, d, m) for s in shapes for a in STEP_ARMS for d in ("fp32", "bf16") for m in ("eager", "compiled")}
+    assert got == want and len(sec["rows"]) == len(want)
+    for r in sec["rows"]:
+        assert r["time_ms"] > 0 and math.isfinite(r["first_loss"]), r
+        assert r["time_vs_standard_min"] <= r["time_vs_standard"] <= r["time_vs_standard_max"], r
+        if r["residual"] == "standard":
+            assert r["time_vs_standard"] == 1.0
+    assert set(sec["headline"]) == {f"{s}/{d}/{m}/{a}" for s, a, d, m in want if a != "standard"}
+    # the arms' configs: N = 8 blocks, two-phase off in its arm only, the shape's model
+    for s in sec["shapes"]:
+        arms = s["arms"]
+        assert set(arms) == STEP_ARMS
+        assert arms["block-no-two-phase"]["attn_res_two_phase"] is False
+        assert "attn_res_two_phase" not in arms["block"] and arms["block"]["attn_res_num_blocks"] == 8
+        assert arms["full"]["block_size"] == 1
+    d128 = next(s for s in sec["shapes"] if s["shape"] == "d128xL3 2x64")["arms"]["block"]
+    assert (d128["hidden_size"], d128["num_hidden_layers"], d128["block_size"]) == (128, 3, 1)
+    assert sec["compile"] == {"backend": "aot_eager", "mode": "default"}
+    # the markdown: one summary line per shape x dtype x mode with every non-standard arm, and the arms table
+    for s in shapes:
+        for d in ("fp32", "bf16"):
+            for m in ("eager", "compiled"):
+                assert f"| {s} | {d} | {m} | " in md
+    assert "| full | block | block-no-two-phase |" in md and "**Arms**" in md
+    for key in ("cpu_model", "torch_threads", "torch", "transformers", "git_revision", "command"):
+        assert res["machine"].get(key) is not None, key
+    assert "round 1/1" in stdout  # progress is printed per round
+
+
+def test_decode_covers_every_residual_dtype_and_batch(quick_results):
+    sec = quick_results[0]["sections"]["decode"]
+    got = {(r["residual"], r["dtype"], r["batch"]) for r in sec["rows"]}
+    assert got == {(a, d, b) for a in ("standard", "full", "block") for d in ("fp32", "bf16") for b in (1, 8)}
+    assert all(r["tokens_per_s"] > 0 and r["cache"] == "dynamic" for r in sec["rows"])
+    for cfg in sec["shapes"][0]["arms"].values():
+        assert cfg["weights"] in ("fp32", "bf16")
+
+
+def _main():
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from benchmarks.__main__ import main
+
+    return main
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["step", "--shapes", "768x12"], ["'768x12'", "HIDDENxLAYERSxSEQ[xBATCH]"]),
+        (["step", "--shapes", "768x12x0"], ["'768x12x0'", "positive integers"]),
+        (["step", "--shapes", "100x2x64"], ["multiple of 64"]),
+        (["step", "--shapes", "256x8x256,256x8x256"], ["twice"]),
+        (["step", "--dtypes", "fp16"], ["'fp16'", "fp32, bf16"]),
+        (["step", "--dtypes", ""], ["fp32, bf16"]),
+        (["step", "--modes", "jit"], ["'jit'", "eager, compiled"]),
+        (["step", "--modes", "compiled", "--compile-mode", "none"], ["--modes must then include eager"]),
+        (["step", "--arms", "block:lr=0.1"], ["lr is not a model key"]),
+        (["step", "--arms", "nope"], ["unknown scheme 'nope'", "standard"]),
+        (["step", "--warmup", "-1"], ["--warmup must be >= 0"]),
+        (["decode", "--decode-dtypes", "fp8"], ["'fp8'", "fp32, bf16"]),
+        (["decode", "--decode-shapes", "768x12x512"], ["HIDDENxLAYERS"]),
+        (["decode", "--decode-batches", "0"], ["positive"]),
+        (["all", "--dtypes", "int8"], ["'int8'", "fp32, bf16"]),  # checked before the op section runs
+    ],
+)
+def test_bad_options_are_one_line_errors_naming_what_is_allowed(argv, says, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        _main()([*argv, "--device", "cpu", "--out", str(tmp_path)])
+    msg = str(e.value.code)
+    assert "\n" not in msg and all(s in msg for s in says), msg
+    assert not any(tmp_path.iterdir())  # nothing ran, nothing written
