@@ -208,7 +208,7 @@ def test_fused_read_bf16_rounds_like_torch():
 @pytest.mark.parametrize("n, shape", [(1, (1, 1, 33)), (2, (2, 19, 17)), (9, (3, 5, 100))])
 @pytest.mark.parametrize("output_norm", [False, True])
 def test_merged_read_fused_backward_16bit_and_mixed(mode, n, shape, output_norm, monkeypatch):
-    """Block's two-phase read (PyTorch forward, fused backward) on 16-bit and mixed sources."""
+    """Block's two-phase read (fused phase 1, merge forward and backward) on 16-bit and mixed sources."""
     from attnres.ops import merged_read, phase1
 
     calls = []
