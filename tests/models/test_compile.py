@@ -75,7 +75,8 @@ needs_kernel = pytest.mark.skipif(cpu_kernel.load() is None, reason="the fused C
 @pytest.mark.parametrize("residual", ["full", "block"])
 def test_compiled_model_calls_the_fused_read_ops(residual):
     """Every AttnRes read is an attnres:: op in the graphs: Full's 9 reads forward and backward; Block's
-    joint reads forward, and every read's backward (the two-phase merge runs its forward in PyTorch)."""
+    joint reads forward, its two-phase merges (merge_forward) and phase 1 (one per block), and every read's
+    backward."""
     dynamo.reset()
     backend, graphs = counting_backend()
     m = model(residual).double()
@@ -85,6 +86,8 @@ def test_compiled_model_calls_the_fused_read_ops(residual):
     fw, bw = graphs
     merged = 8 if residual == "block" else 0  # block_size 2: both reads of every layer merge
     assert fw["attnres.read_forward.default"] == reads - merged
+    assert fw.get("attnres.merge_forward.default", 0) == merged
+    assert fw.get("attnres.phase1.default", 0) == (4 if residual == "block" else 0)  # one per 2-sublayer block
     assert bw["attnres.read_backward.default"] == reads
     with torch.no_grad():  # cached decode: the bank's stacked read
         dynamo.reset()
