@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -14,15 +15,18 @@ from .common import (
     RESIDUALS,
     build_arm_model,
     interleaved,
+    machine_info,
     md_table,
     median,
     parse_choices,
     parse_shapes,
     shape_label,
     spread,
+    write_json,
 )
 
 CACHES = ("dynamic", "static")
+ISSUE13_SHAPES = "256x8,768x12,1024x16"  # --decode-shapes issue13
 TARGET = 1.05  # issue 13: decode time per token, AttnRes / standard
 
 
@@ -34,8 +38,8 @@ def resolve(args) -> dict:
                          f"{args.new_tokens}")
     if not args.decode_batches or any(b < 1 for b in args.decode_batches):
         raise SystemExit(f"--decode-batches must be positive integers, got {args.decode_batches}")
-    shapes = parse_shapes("--decode-shapes", "64x4" if args.quick and args.decode_shapes is None
-                          else args.decode_shapes or "256x8", None, fields=2)
+    text = "64x4" if args.quick and args.decode_shapes is None else args.decode_shapes or "256x8"
+    shapes = parse_shapes("--decode-shapes", ISSUE13_SHAPES if text == "issue13" else text, None, fields=2)
     dtypes = parse_choices("--decode-dtypes", args.decode_dtypes, tuple(DTYPES))
     plan = dict(shapes=shapes, dtypes=dtypes, cache=args.decode_cache)
     args._decode_plan = plan
@@ -144,7 +148,12 @@ def _run_shape(args, device, shape: dict, plan: dict) -> dict:
 
 def run(args, device: torch.device) -> dict:
     plan = resolve(args)
-    shapes = [_run_shape(args, device, s, plan) for s in plan["shapes"]]
+    shapes = []
+    for s in plan["shapes"]:
+        shapes.append(_run_shape(args, device, s, plan))
+        # a long run keeps what it measured if a later shape fails or is stopped
+        write_json(Path(args.out) / "decode.partial.json", {"command": machine_info(device)["command"],
+                                                           "shapes": shapes})
     rows = [r for s in shapes for r in s["rows"]]
     return {
         "device": str(device),
@@ -213,7 +222,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decode-dtypes", default="fp32,bf16",
                    help="comma-separated weight dtypes: fp32 and/or bf16 (default fp32,bf16)")
     g.add_argument("--decode-shapes", default=None, metavar="HxL,...",
-                   help="models, hidden x layers, comma-separated (default 256x8, the reference; quick 64x4)")
+                   help="models, hidden x layers, comma-separated (default 256x8, the reference; quick 64x4); "
+                        f"'issue13' = {ISSUE13_SHAPES}")
     g.add_argument("--decode-cache", default="dynamic", choices=CACHES,
                    help="KV cache of generate: dynamic (DynamicCache, the default) or static "
                         "(cache_implementation='static')")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import time
+from pathlib import Path
 
 import torch
 
@@ -18,6 +19,7 @@ from .common import (
     MODES,
     build_arm_model,
     interleaved,
+    machine_info,
     md_table,
     median,
     parse_choices,
@@ -26,6 +28,7 @@ from .common import (
     shape_model_kwargs,
     spread,
     sync,
+    write_json,
 )
 
 # The arms every run has: name -> (scheme, config overrides). Acceptance (issue 13): block <= 1.05x, full <= 1.10x.
@@ -37,6 +40,8 @@ CORE_ARMS = {
 }
 TARGETS = {"block": 1.05, "full": 1.10}
 REFERENCE_SHAPE = "256x8x256"
+# --shapes issue13: the reference and the shapes issue 13 asks for (d 768 x 12 and d 1024 x 16, sequences 512-2048)
+ISSUE13_SHAPES = "256x8x256x8,768x12x512x1,768x12x2048x1,1024x16x1024x1,1024x16x2048x1"
 
 
 def _autocast(dtype: str, device: torch.device):
@@ -71,7 +76,7 @@ def resolve(args) -> dict:
     if args.warmup < 0:
         raise SystemExit(f"--warmup must be >= 0, got {args.warmup}")
     if args.shapes is not None:
-        shapes = parse_shapes("--shapes", args.shapes, args.batch)
+        shapes = parse_shapes("--shapes", ISSUE13_SHAPES if args.shapes == "issue13" else args.shapes, args.batch)
     elif args.quick:
         shapes = [dict(hidden=64, layers=4, seq=128, batch=2)]
     else:
@@ -227,6 +232,8 @@ def run(args, device: torch.device) -> dict:
         res = _run_shape(args, device, shape, plan)
         res["wall_s"] = time.perf_counter() - t0
         shapes.append(res)
+        # a long run keeps what it measured if a later shape fails (out of memory) or is stopped
+        write_json(Path(args.out) / "step.partial.json", {"command": machine_info(device)["command"], "shapes": shapes})
     rows = [r for s in shapes for r in s["rows"]]
     headline = {
         f"{r['shape']}/{r['dtype']}/{r['mode']}/{r['residual']}": r["time_vs_standard"]
@@ -324,7 +331,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--shapes", default=None, metavar="HxLxT[xB],...",
                    help="model and batch shapes, hidden x layers x seq[x batch], comma-separated, e.g. "
                         "256x8x256x8,768x12x512x2,1024x16x1024x1 (default: the reference 256x8xSEQxBATCH; quick: "
-                        "64x4x128x2). Heads: hidden/64 (32 per head up to 256), KV heads half, MLP 2.75x, vocab 8192")
+                        "64x4x128x2); 'issue13' = " + ISSUE13_SHAPES
+                        + ". Heads: hidden/64 (32 per head up to 256), KV heads half, MLP 2.75x, vocab 8192")
     g.add_argument("--batch", type=int, default=8, help="sequences per step for shapes without xBATCH (quick: 2)")
     g.add_argument("--seq", type=int, default=256, help="tokens per sequence of the default shape (quick: 128)")
     g.add_argument("--dtypes", default="fp32,bf16",

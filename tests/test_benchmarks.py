@@ -99,11 +99,11 @@ def step_matrix(tmp_path_factory):
     cmd += ["--repeats", "1", "--warmup", "0", "--device", "cpu", "--threads", "1", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads((out / "step.json").read_text()), (out / "step.md").read_text(), proc.stdout
+    return json.loads((out / "step.json").read_text()), (out / "step.md").read_text(), proc.stdout, out
 
 
 def test_step_times_every_arm_dtype_mode_and_shape(step_matrix):
-    res, md, stdout = step_matrix
+    res, md, stdout, out = step_matrix
     sec = res["sections"]["step"]
     got = {(r["shape"], r["residual"], r["dtype"], r["mode"]) for r in sec["rows"]}
     shapes = ["d64xL2 1x64", "d128xL3 2x64"]  # the second takes --batch
@@ -134,6 +134,7 @@ def test_step_times_every_arm_dtype_mode_and_shape(step_matrix):
     for key in ("cpu_model", "torch_threads", "torch", "transformers", "git_revision", "command"):
         assert res["machine"].get(key) is not None, key
     assert "round 1/1" in stdout  # progress is printed per round
+    assert (out / "step.partial.json").exists()  # written after each shape
 
 
 def test_decode_covers_every_residual_dtype_and_batch(quick_results):
@@ -179,3 +180,17 @@ def test_bad_options_are_one_line_errors_naming_what_is_allowed(argv, says, tmp_
     msg = str(e.value.code)
     assert "\n" not in msg and all(s in msg for s in says), msg
     assert not any(tmp_path.iterdir())  # nothing ran, nothing written
+
+
+def test_issue13_presets_name_the_shapes_the_issue_asks_for():
+    _main()  # puts the repository on sys.path
+    from benchmarks import decode, step
+    from benchmarks.__main__ import build_parser
+
+    args = build_parser().parse_args(["step", "--shapes", "issue13"])
+    shapes = {(s["hidden"], s["layers"], s["seq"]) for s in step.resolve(args)["shapes"]}
+    assert {(256, 8, 256), (768, 12, 512), (768, 12, 2048), (1024, 16, 1024), (1024, 16, 2048)} == shapes
+    assert step.resolve(args)["dtypes"] == ["fp32", "bf16"] and step.resolve(args)["modes"] == ["eager", "compiled"]
+    args = build_parser().parse_args(["decode", "--decode-shapes", "issue13"])
+    assert [(s["hidden"], s["layers"]) for s in decode.resolve(args)["shapes"]] == [(256, 8), (768, 12), (1024, 16)]
+    assert args.decode_batches == [1, 8] and decode.resolve(args)["dtypes"] == ["fp32", "bf16"]
