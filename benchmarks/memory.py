@@ -126,5 +126,21 @@ def to_markdown(res: dict) -> str:
     )
 
 
+STEP_ONLY = {"shapes": None, "dtypes": "fp32,bf16", "modes": None, "warmup": 1, "no_two_phase_arm": False,
+             "compile_mode": "default", "compile_backend": "inductor", "blocks": 8}
+
+
+def check(args) -> None:
+    """``memory`` takes step's options (one parser) but measures the reference model in fp32, eager, at
+    --batch x --seq: a step-only option given to ``memory`` is an error, not silently ignored."""
+    if args.command != "memory":
+        return
+    given = [k for k, default in STEP_ONLY.items() if getattr(args, k, default) != default]
+    if given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise SystemExit(f"memory measures the reference model (fp32, eager) at --batch x --seq with --arms; "
+                         f"{flags} belong to the step benchmark")
+
+
 def add_args(p: argparse.ArgumentParser) -> None:
-    pass  # shares --batch/--seq with step
+    pass  # shares --batch/--seq/--arms with step

@@ -172,6 +172,7 @@ def _main():
         (["decode", "--decode-shapes", "768x12x512"], ["HIDDENxLAYERS"]),
         (["decode", "--decode-batches", "0"], ["positive"]),
         (["all", "--dtypes", "int8"], ["'int8'", "fp32, bf16"]),  # checked before the op section runs
+        (["memory", "--shapes", "768x12x512"], ["--shapes belong to the step benchmark"]),
     ],
 )
 def test_bad_options_are_one_line_errors_naming_what_is_allowed(argv, says, tmp_path):
