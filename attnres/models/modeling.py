@@ -12,7 +12,10 @@ The one other contact between scheme and network is the attention hook (``scheme
 
 HF renamed the cache keyword and output field from ``past_key_values`` to ``cache`` (transformers
 5.24). Both names are accepted; outputs carry the cache in the field the installed transformers
-defines (``CACHE_FIELD``). Unknown keywords raise ``TypeError``.
+defines (``CACHE_FIELD``). Unknown keywords raise ``TypeError``. Any ``Cache`` works, a ``StaticCache``
+(``generate(cache_implementation="static")``, compiled decode) included: the mask spans the keys the
+cache returns (``Cache.get_mask_sizes``: every slot of a static cache), and positions start at its
+length, a tensor for a static cache, as Llama's.
 """
 
 from __future__ import annotations
@@ -213,19 +216,35 @@ class AttnResPreTrainedModel(PreTrainedModel):
         return model
 
 
-def _attention_mask(attention_mask: Tensor | None, q_len: int, past: int, device) -> tuple[Tensor | None, bool]:
-    """(mask for SDPA, is_causal). Avoids building a mask when causal or no mask suffices."""
-    kv_len = past + q_len
-    if attention_mask is None or bool(attention_mask[:, -kv_len:].all()):
+def _attention_mask(attention_mask: Tensor | None, q_len: int, past: int | Tensor, kv_len: int,
+                    device) -> tuple[Tensor | None, bool]:
+    """(mask for SDPA, is_causal) for ``q_len`` queries at positions ``past ..`` over ``kv_len`` keys
+    (what the cache's ``update`` returns: ``past + q_len`` for a dynamic cache, every slot for a static
+    one, as ``Cache.get_mask_sizes``). ``attention_mask``: None, 2D padding [B, <= kv_len] (1 = token),
+    or a prepared 4D mask [B, 1, q, kv_len] (bool, True = attend, or additive, 0 = attend), which
+    ``generate()`` builds for a static cache. Avoids building a mask when causal or no mask suffices;
+    a static cache always gets one (its unwritten slots must be masked), built without reading
+    ``past``'s value, so a compiled decode step does not sync or branch on it."""
+    qi = torch.arange(q_len, device=device)[:, None] + past
+    kj = torch.arange(kv_len, device=device)[None, :]
+    if attention_mask is not None and attention_mask.ndim == 4:
+        if attention_mask.shape[-1] != kv_len:
+            raise ValueError(f"4D attention_mask covers {attention_mask.shape[-1]} keys; the cache gives {kv_len}")
+        mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+        return mask | (kj == qi), False  # a query always sees itself, so fully padded rows stay finite
+    exact = isinstance(past, int) and kv_len == past + q_len
+    if exact and (attention_mask is None or bool(attention_mask[:, -kv_len:].all())):
         if q_len == 1:
             return None, False
         if past == 0:
             return None, True
         pad = None
+    elif attention_mask is None:
+        pad = None
     else:
         pad = attention_mask[:, -kv_len:].bool()
-    qi = torch.arange(past, kv_len, device=device)[:, None]
-    kj = torch.arange(kv_len, device=device)[None, :]
+        if pad.shape[-1] < kv_len:  # a static cache's slots past the tokens: masked by causality below
+            pad = F.pad(pad, (0, kv_len - pad.shape[-1]), value=True)
     mask = kj <= qi  # [q, kv]
     if pad is not None:
         # a query always sees itself, so fully padded rows stay finite
@@ -291,13 +310,15 @@ class AttnResModel(AttnResPreTrainedModel):
             use_cache, cache = False, None
         if use_cache and cache is None:
             cache = DynamicCache()
-        past = cache.get_seq_length() if cache is not None else 0
-        t = inputs_embeds.shape[1]
-        if position_ids is None:
-            position_ids = torch.arange(past, past + t, device=inputs_embeds.device)[None]
-        rope = self._rope(position_ids, inputs_embeds.dtype)
-        mask, causal = _attention_mask(attention_mask, t, past, inputs_embeds.device)
         cache = cache if use_cache else None
+        t = inputs_embeds.shape[1]
+        # a static cache's length is a tensor (no sync, no recompile per step) and it returns all its slots
+        past = cache.get_seq_length() if cache is not None else 0
+        kv_len = cache.get_mask_sizes(t, 0)[0] if cache is not None else t
+        if position_ids is None:
+            position_ids = (torch.arange(t, device=inputs_embeds.device) + past)[None]
+        rope = self._rope(position_ids, inputs_embeds.dtype)
+        mask, causal = _attention_mask(attention_mask, t, past, kv_len, inputs_embeds.device)
         attentions = [] if self._flag(output_attentions, "output_attentions") else None
         ctx = Pass(self.stream_mode(inputs_embeds), self._records)
 
