@@ -556,7 +556,8 @@ def write_report(out: Path, summary: dict, study: Study, elapsed: float, plot: s
                       for k, v in summary["flops"].items())
     parts = [
         f"# Scaling: {', '.join(summary['arms'])} over sizes {', '.join(summary['sizes'])} and "
-        f"{len(summary['rungs'])} budget rungs, {len(summary['seeds'])} paired seeds",
+        f"{len(summary['rungs'])} budget rungs, {len(summary['seeds'])} paired seed"
+        + ("s" if len(summary["seeds"]) > 1 else ""),
         "",
         f"WSD (warmup {cfg.warmup_steps} steps, constant lr {cfg.lr:g}, linear decay over the last "
         f"{summary['decay_fraction']:.0%} of each rung to {cfg.min_lr_ratio:g}x) with cooldown branches; rungs "
