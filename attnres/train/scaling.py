@@ -201,13 +201,17 @@ def _worker(job: dict[str, Any]) -> tuple[str, dict[int, dict[str, Any]]]:
     """A unit in a worker process (``jobs`` > 1): the data come from the on-disk cache."""
     cfg = config_from_dict(job["cfg"])
     data = prepare(cfg, False)
-    wrap = None
-    if job["base"] is not None:
-        wrap = pairing_wrap(config_from_dict(job["base"]), len(data.tokenizer), Path(job["unit"]) / "pairing.json",
-                            job["base_spec"])
     ladder = Ladder(tuple(job["rungs"]), job["decay_fraction"])
-    return job["key"], run_unit(cfg, ladder, Path(job["unit"]), data=data, wrap=wrap, label=job["key"],
-                                keep_checkpoints=job["keep"])
+    return job["key"], run_unit(cfg, ladder, Path(job["unit"]), data=data, wrap=_pairing(job, data),
+                                label=job["key"], keep_checkpoints=job["keep"])
+
+
+def _pairing(job: dict[str, Any], data):
+    """The ``train(wrap=)`` that gives a non-baseline unit the baseline's initial shared weights."""
+    if job["base"] is None:
+        return None
+    return pairing_wrap(config_from_dict(job["base"]), len(data.tokenizer), Path(job["unit"]) / "pairing.json",
+                        job["base_spec"])
 
 
 # ----------------------------------------------------------------------------- the study
@@ -280,11 +284,9 @@ def _train_units(out: Path, study: Study, data, jobs: int, progress: bool, keep:
         for i, j in enumerate(todo):
             if progress:
                 _say(f"[{i + 1}/{len(todo)}] {j['key']}")
-            cfg = config_from_dict(j["cfg"])
-            wrap = None if j["base"] is None else pairing_wrap(
-                config_from_dict(j["base"]), len(data.tokenizer), Path(j["unit"]) / "pairing.json", j["base_spec"])
-            results[j["key"]] = run_unit(cfg, study.ladder, Path(j["unit"]), data=data, wrap=wrap,
-                                         progress=progress, label=j["key"], keep_checkpoints=keep)
+            results[j["key"]] = run_unit(config_from_dict(j["cfg"]), study.ladder, Path(j["unit"]), data=data,
+                                         wrap=_pairing(j, data), progress=progress, label=j["key"],
+                                         keep_checkpoints=keep)
         return results
     import concurrent.futures as cf
     import multiprocessing as mp
