@@ -65,6 +65,14 @@ def variants(device: torch.device, fla_cache: Path, fla_download: bool) -> tuple
         "pseudocode": {"available": True, "what": "PAPER Fig. 2: stack, rms_norm(V)*g, einsum, softmax(0), einsum"},
     }
     if device.type == "cpu":
+        def ours_fresh(q, s, g):  # the fused kernel with fresh output memory (its pool bypassed)
+            with cpu_kernel.fresh_memory():
+                return attn_res(q, s, rms_weight=g, rms_eps=EPS)
+
+        fns["ours_fresh"] = ours_fresh
+        meta["ours_fresh"] = {"available": True, "what": "ours with the kernel's output pool bypassed "
+                              "(cpu_kernel.fresh_memory()): outputs and source grads in fresh memory, as before "
+                              "the pool"}
         fns["ours_torch"] = ours_torch
         meta["ours_torch"] = {"available": True, "what": "attnres.attn_res with the fused kernel off "
                               "(cpu_kernel.set_enabled(False)): the PyTorch-ops custom autograd read "

@@ -22,6 +22,7 @@ Two entry points to the same C++ functions:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
@@ -107,6 +108,42 @@ def unavailable_reason() -> str | None:
     if not _enabled:
         return "turned off (ATTNRES_CPU_KERNEL=0 or set_enabled(False))"
     return _failed
+
+
+def set_pool_limit(nbytes: int) -> None:
+    """Cap the memory the fused kernel keeps for reuse (default 1 GiB; 0 keeps none).
+
+    The read's outputs and source gradients of at least 256 KiB come from a pool of the kernel's own freed
+    outputs, so a training step does not pay the page faults of fresh memory for each of them; a buffer
+    returns to the pool only when no tensor holds it. Only these tensors use it; PyTorch's allocator is
+    untouched. Lower the cap if a process is short of memory; no effect without the kernel."""
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+        raise ValueError(f"set_pool_limit: nbytes must be an int >= 0 (bytes), got {nbytes!r}")
+    ext = load()
+    if ext is not None:
+        ext.pool_set_limit(nbytes)
+
+
+@contextlib.contextmanager
+def fresh_memory():
+    """Within it, the kernel's new outputs take fresh memory instead of the pool (which keeps its buffers):
+    to measure what the pool saves."""
+    ext = load()
+    if ext is not None:
+        ext.pool_bypass(True)
+    try:
+        yield
+    finally:
+        if ext is not None:
+            ext.pool_bypass(False)
+
+
+def pool_stats() -> dict[str, int]:
+    """``{"cached_bytes", "limit_bytes", "hits", "misses"}`` of the output pool (zeros without the kernel)."""
+    ext = load()
+    if ext is None:
+        return dict(cached_bytes=0, limit_bytes=0, hits=0, misses=0)
+    return dict(zip(("cached_bytes", "limit_bytes", "hits", "misses"), ext.pool_stats(), strict=True))
 
 
 _compiled = True  # torch.compile calls the ops (else it traces the PyTorch read)

@@ -248,3 +248,55 @@ def test_two_phase_kernels_are_the_same_with_several_threads():
     for a, b in zip(same_a, same_b, strict=True):
         assert torch.equal(a, b)
     torch.testing.assert_close(dq_a, dq_b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture
+def pool_limit():
+    yield cpu_kernel.set_pool_limit
+    cpu_kernel.set_pool_limit(1 << 30)
+
+
+def test_pool_reuses_freed_outputs_and_never_one_still_held(pool_limit):
+    """Outputs of >= 256 KiB come from the pool once freed, never while a tensor holds them; the limit caps
+    what is kept (0 frees everything) and bad limits are refused."""
+    pool_limit(1 << 30)
+    gen = torch.Generator().manual_seed(0)
+    src = [torch.randn(256, 512, generator=gen) for _ in range(3)]  # outputs of 512 KiB
+    q = torch.randn(512, generator=gen) / 20
+    want = naive_attn_res(q.double(), [s.double() for s in src])
+    held = cpu_kernel.CpuRead.apply(q, None, 1e-6, *src)[0]
+    before = cpu_kernel.pool_stats()
+    for _ in range(3):
+        o = cpu_kernel.CpuRead.apply(q, None, 1e-6, *src)[0]
+        assert o.data_ptr() != held.data_ptr()
+        torch.testing.assert_close(o.double(), want, rtol=1e-5, atol=1e-5)
+        del o
+    after = cpu_kernel.pool_stats()
+    assert after["hits"] - before["hits"] >= 2  # the second and third output reuse the first one's buffer
+    torch.testing.assert_close(held.double(), want, rtol=1e-5, atol=1e-5)
+    assert 0 < after["cached_bytes"] <= 1 << 30
+    pool_limit(0)
+    assert cpu_kernel.pool_stats()["cached_bytes"] == 0
+    o = cpu_kernel.CpuRead.apply(q, None, 1e-6, *src)[0]
+    del o
+    assert cpu_kernel.pool_stats()["cached_bytes"] == 0
+    for bad in (-1, 1.5, True, "1"):
+        with pytest.raises(ValueError, match="nbytes must be an int >= 0"):
+            pool_limit(bad)
+
+
+def test_pooled_source_gradients_accumulate_correctly(pool_limit):
+    """Source gradients from pooled buffers, summed by autograd over several reads of the same sources
+    (as the layers of a model read them), equal the reference's, also when the buffers are recycled."""
+    gen = torch.Generator().manual_seed(1)
+    src = [torch.randn(128, 600, dtype=F64, generator=gen, requires_grad=True) for _ in range(3)]
+    qs = [torch.randn(600, dtype=F64, generator=gen) / 25 for _ in range(3)]
+    grads = []
+    for fn in (lambda q, vs: cpu_kernel.CpuRead.apply(q, None, 1e-6, *vs)[0], naive_attn_res):
+        for _ in range(2):  # the second pass runs on recycled buffers
+            h = [fn(q, src[: i + 1]) for i, q in enumerate(qs)]
+            grads.append(torch.autograd.grad(sum((x * x).sum() for x in h), src))
+    for a, b in zip(grads[1], grads[2], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    for a, b in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -17,7 +17,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <atomic>
+#include <cstdlib>
 #include <cstring>
+#include <deque>
+#include <mutex>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -443,6 +447,84 @@ void merge_impl(const T* q, const T* w, double eps, const Sources<T>& v, int64_t
   });
 }
 
+// ---- a pool of the read's large outputs (o and the source gradients) ----
+// A fresh multi-megabyte tensor comes from mmap, so its first write pays a page fault per 4 KiB page:
+// measured, most of the gap between the forward read and a copy. Freed outputs of at least kPoolMin
+// bytes are kept here (the storage's deleter returns them; nothing is reused while a tensor holds it)
+// and handed to the next output of the same byte size, up to a limit of cached bytes (oldest freed
+// first out). Only this file's tensors use it; the process allocator is untouched.
+constexpr size_t kPoolMin = size_t(1) << 18;
+constexpr size_t kAlign = 64;
+
+struct Pool {
+  std::mutex mu;
+  std::deque<std::pair<size_t, void*>> free;  // (bytes, ptr), oldest first
+  size_t cached = 0;
+  std::atomic<size_t> limit{size_t(1) << 30};
+  std::atomic<bool> bypass{false};  // new outputs take fresh memory (benchmarks); the cache is kept
+  int64_t hits = 0, misses = 0;
+
+  void* take(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> g(mu);
+      for (auto it = free.rbegin(); it != free.rend(); ++it) {
+        if (it->first == bytes) {
+          void* p = it->second;
+          free.erase(std::next(it).base());
+          cached -= bytes;
+          ++hits;
+          return p;
+        }
+      }
+      ++misses;
+    }
+    void* p = nullptr;
+    TORCH_CHECK(posix_memalign(&p, kAlign, bytes) == 0, "attnres read: out of memory allocating ", bytes, " bytes");
+    return p;
+  }
+
+  void give(void* p, size_t bytes) {
+    {
+      std::lock_guard<std::mutex> g(mu);
+      free.emplace_back(bytes, p);
+      cached += bytes;
+    }
+    trim();
+  }
+
+  void set_limit(size_t bytes) {
+    limit = bytes;
+    trim();
+  }
+
+  // Frees the oldest cached buffers until the cache fits the limit.
+  void trim() {
+    std::vector<void*> drop;
+    {
+      std::lock_guard<std::mutex> g(mu);
+      while (cached > limit) {
+        drop.push_back(free.front().second);
+        cached -= free.front().first;
+        free.pop_front();
+      }
+    }
+    for (void* q : drop) std::free(q);
+  }
+};
+
+Pool& pool() {
+  static Pool* p = new Pool();  // never destroyed: tensors may be freed after static destructors ran
+  return *p;
+}
+
+// An uninitialised contiguous tensor of `sizes`, from the pool when it is large.
+Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  const size_t bytes = c10::multiply_integers(sizes) * c10::elementSize(c10::typeMetaToScalarType(opts.dtype()));
+  if (bytes < kPoolMin || pool().limit == 0 || pool().bypass) return at::empty(sizes, opts);
+  void* p = pool().take(bytes);
+  return at::from_blob(p, sizes, [bytes](void* q) { pool().give(q, bytes); }, opts);
+}
+
 // f(T{}, O{}) for the compute type of qp and the output (promoted source) dtype.
 template <typename F>
 void dispatch(at::ScalarType ct, at::ScalarType out, F&& f) {
@@ -487,7 +569,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> read_forward(const Tensor& qp
   check(qp, w, sources);
   const int64_t d = qp.size(0), n = sources[0].numel() / d, L = sources.size();
   const at::ScalarType ot = promoted(sources);
-  auto out = at::empty(sources[0].sizes(), sources[0].options().dtype(ot));
+  auto out = pooled_empty(sources[0].sizes(), sources[0].options().dtype(ot));
   auto opts = qp.options();
   auto s = at::empty({L, n}, opts), r = at::empty({L, n}, opts), p = at::empty({L, n}, opts);
   auto rh = at::empty({w ? n : 0}, opts);
@@ -541,7 +623,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> merge_forward(
                   l1.numel() == N,
               "attnres merge: phase-1 statistics s ", s1.sizes(), ", r ", r1.sizes(), ", o ", o1.sizes(), ", m ",
               m1.sizes(), ", l ", l1.sizes(), " do not fit ", nb, " blocks of ", N, " tokens of ", d);
-  auto out = at::empty(sources[0].sizes(), sources[0].options().dtype(ot));
+  auto out = pooled_empty(sources[0].sizes(), sources[0].options().dtype(ot));
   auto opts = qp.options();
   auto s = at::empty({L, N}, opts), r = at::empty({L, N}, opts), p = at::empty({L, N}, opts);
   auto rh = at::empty({w ? N : 0}, opts);
@@ -584,7 +666,7 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> read_backward(
   std::vector<void*> dv(L, nullptr);
   for (int64_t i = 0; i < L; ++i) {
     if (need_dv.get(i)) {
-      grads.push_back(at::empty_like(sources[i], at::MemoryFormat::Contiguous));
+      grads.push_back(pooled_empty(sources[i].sizes(), sources[i].options()));
       dv[i] = grads.back().data_ptr();
     }
   }
@@ -636,4 +718,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           return merge_forward(qp, w, eps, s1, r1, o1, m1, l1, sources);
         },
         "Two-phase Block AttnRes, the merged read forward (CPU): (o, s, r, p, rh)");
+  m.def("pool_set_limit", [](int64_t bytes) { pool().set_limit(static_cast<size_t>(std::max<int64_t>(bytes, 0))); },
+        "Cap the bytes of freed outputs kept for reuse (0: keep none, free every output)");
+  m.def("pool_bypass", [](bool on) { pool().bypass = on; }, "New outputs take fresh memory (the cache is kept)");
+  m.def("pool_stats",
+        []() {
+          std::lock_guard<std::mutex> g(pool().mu);
+          return std::make_tuple(static_cast<int64_t>(pool().cached), static_cast<int64_t>(pool().limit.load()),
+                                 pool().hits, pool().misses);
+        },
+        "(cached bytes, limit bytes, hits, misses) of the output pool");
 }
