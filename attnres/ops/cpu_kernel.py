@@ -295,9 +295,14 @@ def read(qp: Tensor, w: Tensor | None, eps: float, sources: Sequence[Tensor]) ->
     qp = qp.contiguous()
     w = None if w is None else w.contiguous()
     if torch.compiler.is_compiling():
-        o, _s, _r, p, _rh = OPS.read_forward(qp, w, float(eps), list(sources))
-        return o, p.view(len(sources), *sources[0].shape[:-1])
+        return op_read(qp, w, eps, sources)
     return CpuRead.apply(qp, w, eps, *sources)
+
+
+def op_read(qp: Tensor, w: Tensor | None, eps: float, sources: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """``(o, p)`` of the read through the ``attnres::read_forward`` op (any device with a kernel for it)."""
+    o, _s, _r, p, _rh = OPS.read_forward(qp, w, float(eps), list(sources))
+    return o, p.view(len(sources), *sources[0].shape[:-1])
 
 
 def read_stacked(qp: Tensor, w: Tensor | None, eps: float, bank: Tensor) -> Tensor:
@@ -323,9 +328,15 @@ def merge(qp: Tensor, w: Tensor | None, eps: float, inter: Sequence[Tensor],
     w = None if w is None else w.contiguous()
     inter = [t.contiguous() for t in inter]
     if torch.compiler.is_compiling():
-        o, _s, _r, p, _rh = OPS.merge_forward(qp, w, float(eps), *inter, list(sources))
-        return o, p.view(len(sources), *sources[0].shape[:-1])
+        return op_merge(qp, w, eps, inter, sources)
     return CpuMerge.apply(qp, w, eps, *inter, *sources)
+
+
+def op_merge(qp: Tensor, w: Tensor | None, eps: float, inter: Sequence[Tensor],
+             sources: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """``(o, p)`` of the merged read through the ``attnres::merge_forward`` op."""
+    o, _s, _r, p, _rh = OPS.merge_forward(qp, w, float(eps), *inter, list(sources))
+    return o, p.view(len(sources), *sources[0].shape[:-1])
 
 
 class CpuMerge(torch.autograd.Function):

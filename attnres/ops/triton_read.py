@@ -33,6 +33,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ._checks import source_dtype
+from .cpu_kernel import OPS, op_merge, op_read
 from .grads import Needs, Slots
 
 try:
@@ -488,34 +489,45 @@ def _programs(dev: torch.device, n_blocks: int) -> int:
     return min(n_blocks, per_device)
 
 
+def _check_dtypes(what: str, sources: Sequence[Tensor]) -> None:
+    for v in sources:
+        if v.dtype not in _KIND:
+            raise TypeError(f"{what} supports fp32/bf16/fp16/fp64 sources, got {v.dtype}")
+
+
+def _launch_read(qp: Tensor, w: Tensor | None, eps: float, sources: Sequence[Tensor]):
+    """One forward launch: ``(o [N, D], s, r, p [L, N], rh [N] or None, flat)``, flat the sources as [N, D]."""
+    _check_dtypes("triton_read", sources)
+    ct, d = qp.dtype, qp.shape[0]
+    flat = [_rows(v, d) for v in sources]
+    n, L = flat[0].shape[0], len(flat)
+    o = torch.empty(n, d, dtype=source_dtype(sources), device=qp.device)
+    s, r, p = (torch.empty(L, n, dtype=ct, device=qp.device) for _ in range(3))
+    rh = None if w is None else torch.empty(n, dtype=ct, device=qp.device)
+    if n > 0:
+        bn, bd, warps = _config(n, d)
+        one_chunk = d <= bd
+        h_buf = None if w is None or one_chunk else torch.empty(n, d, dtype=ct, device=qp.device)
+        meta, aligned = _meta(flat)
+        kinds = sum({_KIND[v.dtype] for v in flat})
+        with _device(qp):
+            _fwd_kernel[(triton.cdiv(n, bn),)](
+                meta, qp, w, o, h_buf, s, r, p, rh, L, n, d, eps,
+                KINDS=kinds, ALIGNED=aligned, HAS_W=w is not None, ONE_CHUNK=one_chunk,
+                BN=bn, BD=bd, num_warps=warps,
+            )  # fmt: skip
+    return o, s, r, p, rh, flat
+
+
 class _TritonRead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qp: Tensor, w: Tensor | None, eps: float, *sources: Tensor):
-        for v in sources:
-            if v.dtype not in _KIND:
-                raise TypeError(f"triton_read supports fp32/bf16/fp16/fp64 sources, got {v.dtype}")
-        ct, d, shape = qp.dtype, qp.shape[0], sources[0].shape
-        flat = [_rows(v, d) for v in sources]
-        n, L = flat[0].shape[0], len(flat)
-        o = torch.empty(n, d, dtype=source_dtype(sources), device=qp.device)
-        s, r, p = (torch.empty(L, n, dtype=ct, device=qp.device) for _ in range(3))
-        rh = None if w is None else torch.empty(n, dtype=ct, device=qp.device)
-        if n > 0:
-            bn, bd, warps = _config(n, d)
-            one_chunk = d <= bd
-            h_buf = None if w is None or one_chunk else torch.empty(n, d, dtype=ct, device=qp.device)
-            meta, aligned = _meta(flat)
-            kinds = sum({_KIND[v.dtype] for v in flat})
-            with _device(qp):
-                _fwd_kernel[(triton.cdiv(n, bn),)](
-                    meta, qp, w, o, h_buf, s, r, p, rh, L, n, d, eps,
-                    KINDS=kinds, ALIGNED=aligned, HAS_W=w is not None, ONE_CHUNK=one_chunk,
-                    BN=bn, BD=bd, num_warps=warps,
-                )  # fmt: skip
+        shape = sources[0].shape
+        o, s, r, p, rh, flat = _launch_read(qp, w, eps, sources)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(qp, w, s, r, p, rh, *flat)
         ctx.shape = shape
-        return o.view(shape), p.view(L, *shape[:-1])
+        return o.view(shape), p.view(len(flat), *shape[:-1])
 
     @staticmethod
     @once_differentiable
@@ -530,6 +542,11 @@ def _backward(ctx, dy: Tensor | None, dp_out: Tensor | None, needs: Needs):
     """(dqp, dw, source grads) of the read from what its forward saved: (qp, w, s, r, p, rh, *flat) and
     ctx.shape; the read's and the two-phase merge's backward."""
     qp, w, s, r, p, rh, *flat = ctx.saved_tensors
+    return _launch_backward(qp, w, s, r, p, rh, flat, dy, dp_out, needs, ctx.shape)
+
+
+def _launch_backward(qp, w, s, r, p, rh, flat, dy, dp_out, needs: Needs, shape):
+    """One backward launch from the forward's statistics: (dqp, dw, source grads of ``shape``)."""
     ct, d, (L, n), dev = qp.dtype, qp.shape[0], p.shape, qp.device
     dy = torch.zeros(n, d, dtype=ct, device=dev) if dy is None else dy.reshape(n, d).contiguous()
     dpo = None if dp_out is None else dp_out.reshape(L, n).to(ct).contiguous()
@@ -552,7 +569,7 @@ def _backward(ctx, dy: Tensor | None, dp_out: Tensor | None, needs: Needs):
             )  # fmt: skip
     dqp = dq_part.sum(0) if needs.qp else None
     dw = dw_part.sum(0) if w is not None and needs.w else None
-    return dqp, dw, [None if g is None else g.view(ctx.shape) for g in grads]
+    return dqp, dw, [None if g is None else g.view(shape) for g in grads]
 
 
 def triton_read(qp: Tensor, w: Tensor | None, eps: float, sources: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
@@ -565,7 +582,34 @@ def triton_read(qp: Tensor, w: Tensor | None, eps: float, sources: Sequence[Tens
     """
     if not TRITON_AVAILABLE:
         raise RuntimeError("triton_read needs triton, which is not installed")
+    if torch.compiler.is_compiling():
+        return op_read(qp, w, eps, sources)
     return _TritonRead.apply(qp, w, float(eps), *sources)
+
+
+def _launch_merge(qp: Tensor, w: Tensor | None, eps: float, s1: Tensor, r1: Tensor, o1: Tensor, m1: Tensor,
+                  l1: Tensor, sources: Sequence[Tensor]):
+    """One merge launch: ``(o [N, D], s, r, p [L, N], rh [N] or None, flat)`` as :func:`_launch_read`."""
+    _check_dtypes("triton_merge", sources)
+    ct, d = qp.dtype, qp.shape[0]
+    flat = [_rows(v, d) for v in sources]
+    n, L, nb = flat[0].shape[0], len(flat), s1.shape[0]
+    if L not in (nb, nb + 1):
+        raise ValueError(f"triton_merge: {L} sources for the phase-1 statistics of {nb} blocks")
+    o = torch.empty(n, d, dtype=source_dtype(sources), device=qp.device)
+    s, r, p = (torch.empty(L, n, dtype=ct, device=qp.device) for _ in range(3))
+    rh = None if w is None else torch.empty(n, dtype=ct, device=qp.device)
+    if n > 0:
+        bn, bd, warps = _config(n, d)
+        o1f = _rows(o1.to(ct), d)
+        vp = flat[nb] if L > nb else o1f  # not read without a partial sum
+        s1, r1, m1, l1 = (t.to(ct).contiguous() for t in (s1, r1, m1, l1))
+        with _device(qp):
+            _merge_kernel[(triton.cdiv(n, bn),)](
+                qp, w, vp, vp.stride(0), o1f, o1f.stride(0), s1, r1, m1, l1, o, s, r, p, rh, nb, n, d, eps,
+                HAS_P=L > nb, HAS_W=w is not None, BN=bn, BD=bd, num_warps=warps,
+            )  # fmt: skip
+    return o, s, r, p, rh, flat
 
 
 class _TritonMerge(torch.autograd.Function):
@@ -575,31 +619,12 @@ class _TritonMerge(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qp: Tensor, w: Tensor | None, eps: float, s1: Tensor, r1: Tensor, o1: Tensor, m1: Tensor,
                 l1: Tensor, *sources: Tensor):
-        for v in sources:
-            if v.dtype not in _KIND:
-                raise TypeError(f"triton_merge supports fp32/bf16/fp16/fp64 sources, got {v.dtype}")
-        ct, d, shape = qp.dtype, qp.shape[0], sources[0].shape
-        flat = [_rows(v, d) for v in sources]
-        n, L, nb = flat[0].shape[0], len(flat), s1.shape[0]
-        if L not in (nb, nb + 1):
-            raise ValueError(f"triton_merge: {L} sources for the phase-1 statistics of {nb} blocks")
-        o = torch.empty(n, d, dtype=source_dtype(sources), device=qp.device)
-        s, r, p = (torch.empty(L, n, dtype=ct, device=qp.device) for _ in range(3))
-        rh = None if w is None else torch.empty(n, dtype=ct, device=qp.device)
-        if n > 0:
-            bn, bd, warps = _config(n, d)
-            o1f = _rows(o1.to(ct), d)
-            vp = flat[nb] if L > nb else o1f  # not read without a partial sum
-            s1, r1, m1, l1 = (t.to(ct).contiguous() for t in (s1, r1, m1, l1))
-            with _device(qp):
-                _merge_kernel[(triton.cdiv(n, bn),)](
-                    qp, w, vp, vp.stride(0), o1f, o1f.stride(0), s1, r1, m1, l1, o, s, r, p, rh, nb, n, d, eps,
-                    HAS_P=L > nb, HAS_W=w is not None, BN=bn, BD=bd, num_warps=warps,
-                )  # fmt: skip
+        shape = sources[0].shape
+        o, s, r, p, rh, flat = _launch_merge(qp, w, eps, s1, r1, o1, m1, l1, sources)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(qp, w, s, r, p, rh, *flat)
         ctx.shape = shape
-        return o.view(shape), p.view(L, *shape[:-1])
+        return o.view(shape), p.view(len(flat), *shape[:-1])
 
     @staticmethod
     @once_differentiable
@@ -617,6 +642,8 @@ def triton_merge(qp: Tensor, w: Tensor | None, eps: float, inter: Sequence[Tenso
     ``cpu_kernel.merge`` / ``two_phase._MergedRead``, both outputs differentiable."""
     if not TRITON_AVAILABLE:
         raise RuntimeError("triton_merge needs triton, which is not installed")
+    if torch.compiler.is_compiling():
+        return op_merge(qp, w, eps, inter, sources)
     return _TritonMerge.apply(qp, w, float(eps), *inter, *sources)
 
 
@@ -626,9 +653,9 @@ def triton_phase1(qs: Tensor, eps: float, blocks: Sequence[Tensor]) -> tuple[Ten
     ``(s [S, n, N], r [n, N], o [S, N, D], m [S, N], l [S, N])``."""
     if not TRITON_AVAILABLE:
         raise RuntimeError("triton_phase1 needs triton, which is not installed")
-    for v in blocks:
-        if v.dtype not in _KIND:
-            raise TypeError(f"triton_phase1 supports fp32/bf16/fp16/fp64 sources, got {v.dtype}")
+    if torch.compiler.is_compiling():
+        return OPS.phase1(qs, float(eps), list(blocks))
+    _check_dtypes("triton_phase1", blocks)
     qs = qs.contiguous()
     (k, d), ct, dev = qs.shape, qs.dtype, qs.device
     flat = [_rows(v, d) for v in blocks]
@@ -648,3 +675,59 @@ def triton_phase1(qs: Tensor, eps: float, blocks: Sequence[Tensor]) -> tuple[Ten
                 BN=bn, BD=bd, num_warps=min(16, max(1, sp * bn * bd // 256)),
             )  # fmt: skip
     return s, r, o, m, l
+
+
+# ---- the CUDA kernels of the attnres:: ops (schemas, fakes and autograd: cpu_kernel.py) ----
+# torch.compile calls these ops, like the CPU kernel's, when compiled CUDA reads are switched on
+# (set_compiled); the default stays the traced PyTorch read for inductor until measured on a GPU.
+
+_compiled = False
+
+
+def set_compiled(flag: bool) -> None:
+    """Whether ``torch.compile`` calls the Triton kernels (the ``attnres::`` ops on CUDA) instead of tracing
+    the PyTorch read for inductor (the default). Read when a model is compiled (a change recompiles)."""
+    global _compiled
+    _compiled = bool(flag)
+
+
+def compiled() -> bool:
+    return _compiled
+
+
+def _empty_if_none(t: Tensor | None, like: Tensor) -> Tensor:
+    return like.new_empty(0) if t is None else t
+
+
+def _op_read_forward(qp, w, eps, sources):
+    o, s, r, p, rh, _flat = _launch_read(qp, w, eps, sources)
+    return o.view(sources[0].shape), s, r, p, _empty_if_none(rh, qp)
+
+
+def _op_merge_forward(qp, w, eps, s1, r1, o1, m1, l1, sources):
+    o, s, r, p, rh, _flat = _launch_merge(qp, w, eps, s1, r1, o1, m1, l1, sources)
+    return o.view(sources[0].shape), s, r, p, _empty_if_none(rh, qp)
+
+
+def _op_read_stacked(qp, w, eps, bank):
+    return _launch_read(qp, w, eps, bank.unbind(0))[0].view(bank.shape[1:])
+
+
+def _op_read_backward(qp, w, s, r, p, rh, dy, dp_out, sources, need_dq, need_dw, need_dv):
+    flat = [_rows(v, qp.shape[0]) for v in sources]
+    needs = Needs(bool(need_dq), bool(need_dw), tuple(bool(x) for x in need_dv))
+    dqp, dw, grads = _launch_backward(qp, w, s, r, p, None if w is None else rh, flat, dy, dp_out, needs,
+                                      sources[0].shape)
+    return _empty_if_none(dqp, qp), _empty_if_none(dw, qp), [g for g in grads if g is not None]
+
+
+OP_KERNELS = {
+    "attnres::read_forward": _op_read_forward,
+    "attnres::merge_forward": _op_merge_forward,
+    "attnres::read_stacked": _op_read_stacked,
+    "attnres::read_backward": _op_read_backward,
+    "attnres::phase1": triton_phase1,
+}
+if TRITON_AVAILABLE:
+    for _name, _fn in OP_KERNELS.items():
+        torch.library.register_kernel(_name, "cuda", _fn)

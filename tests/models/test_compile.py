@@ -166,3 +166,27 @@ def test_inductor_step_calls_the_kernel_and_matches_eager():
     torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-6)
     for n, g in g1.items():
         torch.testing.assert_close(g, g2[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("residual", ["full", "block"])
+def test_cuda_compiled_step_calls_the_triton_ops_and_matches_eager(monkeypatch, residual):
+    """With triton_read.set_compiled(True) a compiled CUDA step runs the Triton kernels as attnres:: ops
+    (forward and backward graphs) and its gradients equal the eager step's."""
+    pytest.importorskip("triton")
+    from attnres.ops import triton_read
+
+    monkeypatch.setattr(triton_read, "_compiled", True)
+    dynamo.reset()
+    backend, graphs = counting_backend()
+    m = model(residual).cuda()
+    x = ids(2, TRAIN_T).cuda()
+    torch.compile(m, backend=backend, fullgraph=True)(x, labels=x, use_cache=False).loss.backward()
+    got = {n: p.grad.clone() for n, p in m.named_parameters()}
+    fw, bw = graphs
+    assert fw["attnres.read_forward.default"] + fw.get("attnres.merge_forward.default", 0) == 2 * 4 + 1
+    assert bw["attnres.read_backward.default"] == 2 * 4 + 1
+    m.zero_grad()
+    m(x, labels=x, use_cache=False).loss.backward()
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)

@@ -186,3 +186,50 @@ def test_a_wrong_eps_is_detected():
     o1, p1 = tr.triton_read(qp, w, 1e-3, src)
     o2, p2 = naive_attn_res(qp, src, output_rms_weight=w, rms_eps=EPS, return_weights=True)
     assert _rel(p1, p2) > 1e-3 and _rel(o1, o2) > 1e-3
+
+
+@pytest.mark.parametrize("with_w", [False, True])
+@pytest.mark.parametrize("d", [7, 130])
+def test_op_kernels_equal_the_cpu_ops_float64(monkeypatch, with_w, d):
+    """The CUDA kernels registered for the attnres:: ops (what torch.compile calls after set_compiled(True)),
+    called as functions, return what the CPU ops return: every output of read_forward, read_backward,
+    read_stacked, phase1 and merge_forward, in float64 (D chunked when 130)."""
+    from attnres.ops import cpu_kernel
+
+    if INTERPRET is False or cpu_kernel.load() is None:
+        pytest.skip("compares against the CPU kernel, under the interpreter")
+    for name in tr.OP_KERNELS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"), name
+    monkeypatch.setattr(tr, "BLOCK_D_MAX", 64)
+    ops, k = torch.ops.attnres, tr.OP_KERNELS
+    src, qp, w = _inputs(5, (3, 4, d), [F64], with_w)
+    fwd = k["attnres::read_forward"](qp, w, EPS, src)
+    want = ops.read_forward(qp, w, EPS, src)
+    for name, a, b in zip("osrp", fwd, want, strict=False):
+        _close(a, b, name)
+    if with_w:
+        _close(fwd[4], want[4], "rh")
+    else:
+        assert fwd[4].numel() == 0 and want[4].numel() == 0
+    g = torch.Generator().manual_seed(3)
+    dy = torch.randn(src[0].shape, generator=g, dtype=F64)
+    dp = torch.randn(5, 12, generator=g, dtype=F64)
+    need = [True, False, True, True, False]
+    got = k["attnres::read_backward"](qp, w, *fwd[1:], dy, dp, src, True, with_w, need)
+    want = ops.read_backward(qp, w, *want[1:], dy, dp, src, True, with_w, need)
+    _close(got[0], want[0], "dq")
+    assert got[1].shape == want[1].shape and (not with_w or _rel(got[1], want[1]) <= TOL[F64])
+    assert len(got[2]) == len(want[2]) == 3
+    for i, (a, b) in enumerate(zip(got[2], want[2], strict=True)):
+        _close(a, b, f"dv {i}")
+    _close(k["attnres::read_stacked"](qp, w, EPS, torch.stack(src)), ops.read_stacked(qp, w, EPS, torch.stack(src)),
+           "stacked")
+    qs = torch.randn(2, d, generator=g, dtype=F64) / d**0.5
+    inter = k["attnres::phase1"](qs, EPS, src[:4])
+    for name, a, b in zip(("s", "r", "o", "m", "l"), inter, ops.phase1(qs, EPS, src[:4]), strict=True):
+        _close(a, b, f"phase1 {name}")
+    stats = (inter[0][1], inter[1], inter[2][1], inter[3][1], inter[4][1])  # the second query's terms
+    got = k["attnres::merge_forward"](qs[1], w, EPS, *stats, src)
+    want = ops.merge_forward(qs[1], w, EPS, *stats, src)
+    for name, a, b in zip("osrp", got, want, strict=False):
+        _close(a, b, f"merge {name}")
