@@ -52,12 +52,13 @@ def delta(arms, a, b) -> str:
 
 
 def row(arms, a, label=None) -> str:
-    r, s, f = arms[a], arms["standard"], arms["full"]
+    r, s = arms[a], arms["standard"]
     vals = ", ".join(f"{v:.4f}" for v in r["val_loss"])
     mean, sd = statistics.fmean(r["val_loss"]), statistics.stdev(r["val_loss"])
     step = r["step_time_median"] / s["step_time_median"]
     return (f"| {label or NAMES.get(a, a)} | {mean:.4f} ± {sd:.4f} | {vals} | "
-            f"{delta(arms, a, 'standard') if a != 'standard' else ''} | {delta(arms, a, 'full') if a != 'full' else ''} | "
+            f"{delta(arms, a, 'standard') if a != 'standard' else ''} | "
+            f"{delta(arms, a, 'full') if a != 'full' else ''} | "
             f"{r['params']:,} | {r['flops_per_token'] / s['flops_per_token']:.3f} | {step:.2f} |")
 
 
