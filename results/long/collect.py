@@ -93,8 +93,10 @@ def plot(curves: dict) -> None:
     colors = dict(standard="tab:gray", block="tab:blue", full="tab:orange")
     for (arm, seed), c in sorted(curves.items()):
         steps = sorted(c)
+        quoted = (arm, seed) in PROBE and len(steps) == len(PROBE[arm, seed])  # three points: markers only
         ax.plot([s * 2048 / 1e6 for s in steps], [c[s] for s in steps], color=colors[arm],
-                ls="-" if seed == 0 else "--", marker="o" if len(steps) <= 3 else None, label=f"{arm} seed {seed}")
+                ls="none" if quoted else "-" if seed == 0 else "--", marker="o" if quoted else None,
+                label=f"{arm} seed {seed}" + (" (quoted)" if quoted else ""))
     ax.set_xlabel("training tokens (M)")
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_ylim(top=5.0)
