@@ -196,7 +196,7 @@ def test_op_kernels_equal_the_cpu_ops_float64(monkeypatch, with_w, d):
     read_stacked, phase1 and merge_forward, in float64 (D chunked when 130)."""
     from attnres.ops import cpu_kernel
 
-    if INTERPRET is False or cpu_kernel.load() is None:
+    if not INTERPRET or cpu_kernel.load() is None:
         pytest.skip("compares against the CPU kernel, under the interpreter")
     for name in tr.OP_KERNELS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"), name
