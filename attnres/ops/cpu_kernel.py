@@ -40,7 +40,11 @@ from ._checks import source_dtype
 from .grads import Needs, Slots
 
 _SOURCE = Path(__file__).with_name("csrc") / "read_cpu.cpp"
-_FLAGS = ["-O3", "-march=native", "-fopenmp-simd"]
+# -fopenmp: at::parallel_for is an inline OpenMP loop, serial unless the extension is built with OpenMP. The
+# link names libgomp.so.1, torch's own runtime (same soname, already loaded), so one thread pool serves both.
+_OPENMP = platform.system() == "Linux"
+_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", *(["-fopenmp"] if _OPENMP else [])]
+_LDFLAGS = ["-fopenmp"] if _OPENMP else []
 _lock = threading.Lock()
 _ext = None
 _built = False  # _ext is loaded (a bool, for torch.compile's guards)
@@ -94,7 +98,7 @@ def load():
                       file=sys.stderr, flush=True)
             try:
                 _ext = cpp_extension.load(
-                    name=name, sources=[str(_SOURCE)], extra_cflags=_FLAGS, verbose=False,
+                    name=name, sources=[str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=_LDFLAGS, verbose=False,
                 )
                 _built = True
             except Exception as e:  # no compiler, no headers, ...: the PyTorch path still works

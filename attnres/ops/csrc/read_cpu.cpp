@@ -718,6 +718,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           return merge_forward(qp, w, eps, s1, r1, o1, m1, l1, sources);
         },
         "Two-phase Block AttnRes, the merged read forward (CPU): (o, s, r, p, rh)");
+  m.def("parallel_width",
+        [](int64_t n) {
+          std::atomic<int64_t> most{0};
+          at::parallel_for(0, n, 1, [&](int64_t, int64_t) {
+            int64_t t = at::get_thread_num() + 1, seen = most.load();
+            while (t > seen && !most.compare_exchange_weak(seen, t)) {
+            }
+          });
+          return most.load();
+        },
+        "How many threads at::parallel_for uses over n items (1 when built without OpenMP)");
   m.def("pool_set_limit", [](int64_t bytes) { pool().set_limit(static_cast<size_t>(std::max<int64_t>(bytes, 0))); },
         "Cap the bytes of freed outputs kept for reuse (0: keep none, free every output)");
   m.def("pool_bypass", [](bool on) { pool().bypass = on; }, "New outputs take fresh memory (the cache is kept)");
