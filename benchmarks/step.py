@@ -38,7 +38,10 @@ CORE_ARMS = {
     "block": ("block", {}),
     "block-no-two-phase": ("block", {"attn_res_two_phase": False}),
 }
-TARGETS = {"block": 1.05, "full": 1.10}
+# --traced-arm: the same models, compiled with the read traced for inductor (cpu_kernel.set_compiled(False))
+# instead of calling the fused kernel's attnres:: ops; compiled mode only.
+TRACED_ARMS = {"full-traced": ("full", {}), "block-traced": ("block", {})}
+TARGETS = {"block": 1.05, "full": 1.10, "block-traced": 1.05, "full-traced": 1.10}
 REFERENCE_SHAPE = "256x8x256"
 # --shapes issue13: the reference and the shapes issue 13 asks for (d 768 x 12 and d 1024 x 16, sequences 512-2048)
 ISSUE13_SHAPES = "256x8x256x8,768x12x512x1,768x12x2048x1,1024x16x1024x1,1024x16x2048x1"
@@ -100,6 +103,10 @@ def resolve(args) -> dict:
         except ConfigError as e:
             raise SystemExit(f"--arms: {e}") from None
         arms[text] = (arm.scheme, dict(arm.overrides))
+    if args.traced_arm:
+        if "compiled" not in modes:
+            raise SystemExit("--traced-arm needs the compiled mode (--modes compiled or eager,compiled)")
+        arms |= TRACED_ARMS
     import inspect
 
     from attnres import AttnResConfig
@@ -131,6 +138,20 @@ def _compile(model, args):
     return torch.compile(model, **kw)
 
 
+def _traced(step):
+    """``step`` with torch.compile tracing the PyTorch read (the flag is guarded: this arm has its own graphs)."""
+    from attnres.ops import cpu_kernel
+
+    def run():
+        cpu_kernel.set_compiled(False)
+        try:
+            return step()
+        finally:
+            cpu_kernel.set_compiled(True)
+
+    return run
+
+
 def _run_shape(args, device, shape: dict, plan: dict) -> dict:
     import torch._dynamo as dynamo
     from torch._dynamo.utils import counters
@@ -147,11 +168,13 @@ def _run_shape(args, device, shape: dict, plan: dict) -> dict:
         model.train()
         configs[name] = cfg | {"parameters": sum(p.numel() for p in model.parameters())}
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
-        for mode in plan["modes"]:
+        for mode in ["compiled"] if name in TRACED_ARMS else plan["modes"]:
             m = _compile(model, args) if mode == "compiled" else model
             for dtype in plan["dtypes"]:
                 key = f"{name}/{dtype}/{mode}"
                 step = _make_step(m, opt, ids, dtype, device)
+                if name in TRACED_ARMS:
+                    step = _traced(step)
                 print(f"[step] {label} {key}: first two steps", flush=True)
                 before = counters["stats"]["unique_graphs"]
                 sync(device)
@@ -179,6 +202,8 @@ def _run_shape(args, device, shape: dict, plan: dict) -> dict:
             base = times[f"standard/{dtype}/{mode}"]
             for name in plan["arms"]:
                 key = f"{name}/{dtype}/{mode}"
+                if key not in times:  # a traced arm in eager mode
+                    continue
                 t = times[key]
                 ratios = [a / b for a, b in zip(t, base, strict=True)]  # time of the arm / time of standard
                 lo, hi = spread(ratios)
@@ -273,7 +298,8 @@ def to_markdown(res: dict) -> str:
         "arm's step time / standard's in the same round, at the same dtype and mode; [min–max] over rounds. "
         f"bf16 = fp32 weights under torch.autocast(bfloat16). Compiled = torch.compile(model)"
         + (f" (backend {comp['backend']}, mode {comp['mode']})" if comp else "")
-        + f". Block: N = {res['num_blocks']} blocks; 'block-no-two-phase' = Block with attn_res_two_phase=False. "
+        + f". Block: N = {res['num_blocks']} blocks; 'block-no-two-phase' = Block with attn_res_two_phase=False; "
+        "'*-traced' = compiled with the read traced for inductor instead of the fused kernel's ops. "
         f"Targets: block ≤ {TARGETS['block']}, full ≤ {TARGETS['full']}."
     )
     arms = list(dict.fromkeys(r["residual"] for r in res["rows"] if r["residual"] != "standard"))
@@ -283,8 +309,11 @@ def to_markdown(res: dict) -> str:
             for mode in res["modes"]:
                 cells = [s["shape"], dtype, mode]
                 for a in arms:
-                    r = next(r for r in res["rows"] if r["shape"] == s["shape"] and r["dtype"] == dtype
-                             and r["mode"] == mode and r["residual"] == a)
+                    r = next((r for r in res["rows"] if r["shape"] == s["shape"] and r["dtype"] == dtype
+                              and r["mode"] == mode and r["residual"] == a), None)
+                    if r is None:
+                        cells.append("—")
+                        continue
                     v = _verdict(a, r["time_vs_standard"])
                     cells.append(f"{r['time_vs_standard']:.3f} [{r['time_vs_standard_min']:.3f}–"
                                  f"{r['time_vs_standard_max']:.3f}]" + (f" {v}" if v else ""))
@@ -345,6 +374,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="untimed rounds of every variant after its first two steps (default 1)")
     g.add_argument("--no-two-phase-arm", action="store_true",
                    help="leave out the block-no-two-phase arm (Block with attn_res_two_phase=False)")
+    g.add_argument("--traced-arm", action="store_true",
+                   help="add full-traced and block-traced arms (compiled only): the read traced for inductor "
+                        "(cpu_kernel.set_compiled(False)) instead of the fused kernel's attnres:: ops")
     g.add_argument(
         "--compile-mode",
         default="default",
