@@ -137,6 +137,24 @@ def test_step_times_every_arm_dtype_mode_and_shape(step_matrix):
     assert (out / "step.partial.json").exists()  # written after each shape
 
 
+def test_step_traced_arm_compiles_its_own_graphs(tmp_path):
+    """--traced-arm: full-traced and block-traced in compiled mode only, with graphs of their own (the flag
+    is guarded), none compiled while timing."""
+    cmd = [sys.executable, "-m", "benchmarks", "step", "--shapes", "64x2x64x1", "--dtypes", "fp32", "--modes",
+           "eager,compiled", "--compile-backend", "aot_eager", "--traced-arm", "--no-two-phase-arm", "--repeats", "1",
+           "--warmup", "0", "--device", "cpu", "--threads", "1", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    sec = json.loads((tmp_path / "step.json").read_text())["sections"]["step"]
+    got = {(r["residual"], r["mode"]) for r in sec["rows"]}
+    assert got == {(a, m) for a in ("standard", "full", "block") for m in ("eager", "compiled")} | {
+        ("full-traced", "compiled"), ("block-traced", "compiled")}
+    assert all(r["graphs_compiled_in_first_steps"] > 0 for r in sec["rows"] if r["residual"].endswith("traced"))
+    assert sec["shapes"][0]["graphs_compiled_while_timing"] == 0
+    md = (tmp_path / "step.md").read_text()
+    assert "| full | block | full-traced | block-traced |" in md and "| eager | " in md and " — " in md
+
+
 def test_decode_covers_every_residual_dtype_and_batch(quick_results):
     sec = quick_results[0]["sections"]["decode"]
     got = {(r["residual"], r["dtype"], r["batch"]) for r in sec["rows"]}
@@ -168,6 +186,7 @@ def _main():
         (["step", "--arms", "block:lr=0.1"], ["lr is not a model key"]),
         (["step", "--arms", "nope"], ["unknown scheme 'nope'", "standard"]),
         (["step", "--warmup", "-1"], ["--warmup must be >= 0"]),
+        (["step", "--traced-arm", "--modes", "eager"], ["--traced-arm needs the compiled mode"]),
         (["decode", "--decode-dtypes", "fp8"], ["'fp8'", "fp32, bf16"]),
         (["decode", "--decode-shapes", "768x12x512"], ["HIDDENxLAYERS"]),
         (["decode", "--decode-batches", "0"], ["positive"]),
