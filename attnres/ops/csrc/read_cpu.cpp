@@ -285,6 +285,43 @@ void forward_impl(const T* q, const T* w, double eps, const Sources<T>& v, int64
   });
 }
 
+// One source row's gradient o = pi * dh + c1 * q + c2 * x (if o) and dq += c1 * x (if dq), x loaded once.
+template <typename T, typename S>
+inline void source_grad(const S* x, const T* dh, const T* q, T pi, T c1, T c2, S* o, T* dq, int64_t d) {
+  const int64_t full = d - d % W<T>;
+  for (int64_t k = 0; k < full; k += W<T>) {
+    const vec<T> xv = load<T>(x + k);
+    if (o) store<T>(o + k, pi * load<T>(dh + k) + c1 * load<T>(q + k) + c2 * xv);
+    if (dq) store<T>(dq + k, load<T>(dq + k) + c1 * xv);
+  }
+  for (int64_t k = full; k < d; ++k) {
+    const T xk = up<T>(x[k]);
+    if (o) o[k] = down<S>(pi * dh[k] + c1 * q[k] + c2 * xk);
+    if (dq) dq[k] += c1 * xk;
+  }
+}
+
+// Back through the output norm y = h * rr * w: h (in, overwritten by h * rr) and g = dy give dh = rr * (g * w -
+// h rr <h rr, g * w> / d), and dw += g * h * rr. Plain pointer arguments (not lambda captures), so the loops
+// load w with vector loads instead of re-reading the captured pointer per element (a gather).
+template <typename T>
+inline void norm_grad(T* __restrict h, const T* __restrict g, const T* __restrict w, T rr, int64_t d,
+                      T* __restrict dh, T* __restrict dw) {
+  T c = 0;
+#pragma omp simd reduction(+ : c)
+  for (int64_t k = 0; k < d; ++k) {
+    h[k] *= rr;
+    c += h[k] * g[k] * w[k];
+  }
+  c /= d;
+#pragma omp simd
+  for (int64_t k = 0; k < d; ++k) dh[k] = rr * (g[k] * w[k] - h[k] * c);
+  if (dw) {
+#pragma omp simd
+    for (int64_t k = 0; k < d; ++k) dw[k] += g[k] * h[k];
+  }
+}
+
 template <typename T, typename O>
 void backward_impl(const T* q, const T* w, const Sources<T>& v, int64_t n, int64_t d, const T* s, const T* r,
                    const T* p, const T* rh, const O* dy, const T* dp_out, const std::vector<void*>& dv, T* dq_parts,
@@ -310,19 +347,7 @@ void backward_impl(const T* q, const T* w, const Sources<T>& v, int64_t n, int64
       if (w) {  // through the output norm: h recomputed from the sources
         const T rr = rh[t];
         mix(v, t * d, p + t, n, d, hn.data());
-        T c = 0;
-#pragma omp simd reduction(+ : c)
-        for (int64_t k = 0; k < d; ++k) {
-          hn[k] *= rr;
-          c += hn[k] * g[k] * w[k];
-        }
-        c /= d;
-#pragma omp simd
-        for (int64_t k = 0; k < d; ++k) dhb[k] = rr * (g[k] * w[k] - hn[k] * c);
-        if (dw) {
-#pragma omp simd
-          for (int64_t k = 0; k < d; ++k) dw[k] += g[k] * hn[k];
-        }
+        norm_grad<T>(hn.data(), g, w, rr, d, dhb.data(), dw);
         dh = dhb.data();
       }
       T mean = 0;
@@ -340,16 +365,8 @@ void backward_impl(const T* q, const T* w, const Sources<T>& v, int64_t n, int64
         const T c1 = ds * ri, c2 = -ds * s[i * n + t] * ri * ri / d;
         visit<T>(v.kind[i], [&](auto tag) {
           using S = ATTNRES_STORAGE(tag);
-          const S* x = static_cast<const S*>(v.ptr[i]) + t * d;
-          if (dv[i]) {
-            S* o = static_cast<S*>(dv[i]) + t * d;
-#pragma omp simd
-            for (int64_t k = 0; k < d; ++k) o[k] = down<S>(pi * dh[k] + c1 * q[k] + c2 * up<T>(x[k]));
-          }
-          if (dq) {
-#pragma omp simd
-            for (int64_t k = 0; k < d; ++k) dq[k] += c1 * up<T>(x[k]);
-          }
+          source_grad<T>(static_cast<const S*>(v.ptr[i]) + t * d, dh, q, pi, c1, c2,
+                         dv[i] ? static_cast<S*>(dv[i]) + t * d : nullptr, dq, d);
         });
       }
     }
