@@ -288,6 +288,7 @@ void forward_impl(const T* q, const T* w, double eps, const Sources<T>& v, int64
 // One source row's gradient o = pi * dh + c1 * q + c2 * x (if o) and dq += c1 * x (if dq), x loaded once.
 template <typename T, typename S>
 inline void source_grad(const S* x, const T* dh, const T* q, T pi, T c1, T c2, S* o, T* dq, int64_t d) {
+  if (!o && !dq) return;
   const int64_t full = d - d % W<T>;
   for (int64_t k = 0; k < full; k += W<T>) {
     const vec<T> xv = load<T>(x + k);
