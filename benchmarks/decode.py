@@ -63,6 +63,20 @@ def to_dtype(model, dtype: str):
     return model
 
 
+def _generate_call(model, ids, n: int, extra: dict):
+    """A greedy ``generate`` of exactly ``n`` new tokens from ``ids``."""
+
+    def call():
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False, use_cache=True, pad_token_id=0, **extra)
+        assert out.shape[1] == ids.shape[1] + n, out.shape
+        return out
+
+    return call
+
+
 def _run_shape(args, device, shape: dict, plan: dict) -> dict:
     new = 8 if args.quick else args.new_tokens
     batches = args.decode_batches
@@ -71,40 +85,26 @@ def _run_shape(args, device, shape: dict, plan: dict) -> dict:
     gen = torch.Generator().manual_seed(args.seed)
     prompts = {b: torch.randint(0, vocab, (b, args.prompt_len), generator=gen).to(device) for b in batches}
     extra = {} if plan["cache"] == "dynamic" else {"cache_implementation": plan["cache"]}
-    calls, configs = {}, {}
+    models, configs, calls = {}, {}, {}
     for res in RESIDUALS:
         for dtype in plan["dtypes"]:
             model, cfg = build_arm_model(res, {}, shape, args.seed, device, args.quick)
-            model = to_dtype(model.eval(), dtype)
+            models[res, dtype] = to_dtype(model.eval(), dtype)
             n_params = sum(p.numel() for p in model.parameters())
             configs[f"{res}/{dtype}"] = cfg | {"weights": dtype, "parameters": n_params}
-            for b in batches:
-                for n in (1, new):
-
-                    def call(model=model, ids=prompts[b], n=n):
-                        with torch.inference_mode(), warnings.catch_warnings():
-                            warnings.simplefilter("ignore")
-                            out = model.generate(
-                                ids,
-                                attention_mask=torch.ones_like(ids),
-                                max_new_tokens=n,
-                                min_new_tokens=n,
-                                do_sample=False,
-                                use_cache=True,
-                                pad_token_id=0,
-                                **extra,
-                            )
-                        assert out.shape[1] == ids.shape[1] + n, out.shape
-                        return out
-
+    # the residuals innermost: the generates compared with each other run next to each other in a round
+    for dtype in plan["dtypes"]:
+        for b in batches:
+            for n in (1, new):
+                for res in RESIDUALS:
                     key = f"{res}/{dtype}/b{b}/n{n}"
+                    calls[key] = _generate_call(models[res, dtype], prompts[b], n, extra)
                     try:
-                        call()  # fails here, in one line, if this model cannot generate with this cache
+                        calls[key]()  # fails here, in one line, if this model cannot generate with this cache
                     except Exception as e:  # noqa: BLE001 - reported, not hidden
                         msg = str(e).splitlines()[0] if str(e) else ""
                         raise SystemExit(f"decode {label} {key}: generate(cache={plan['cache']}) failed: "
                                          f"{type(e).__name__}: {msg}") from None
-                    calls[key] = call
     print(f"[decode] {label}: timing {len(calls)} variants x {args.repeats} rounds", flush=True)
 
     def progress(r, ts):

@@ -190,7 +190,8 @@ torch.library.define(
     "attnres::read_forward",
     "(Tensor qp, Tensor? w, float eps, Tensor[] sources) -> (Tensor o, Tensor s, Tensor r, Tensor p, Tensor rh)",
 )
-torch.library.define("attnres::read_stacked", "(Tensor qp, Tensor? w, float eps, Tensor bank) -> Tensor")
+torch.library.define("attnres::read_stacked",
+                     "(Tensor qp, Tensor? w, float eps, Tensor bank, ScalarType? dtype=None) -> Tensor")
 torch.library.define(
     "attnres::read_backward",
     "(Tensor qp, Tensor? w, Tensor s, Tensor r, Tensor p, Tensor rh, Tensor dy, Tensor? dp_out, Tensor[] sources, "
@@ -216,8 +217,8 @@ def _read_forward_fake(qp, w, eps, sources):
 
 
 @torch.library.register_fake("attnres::read_stacked")
-def _read_stacked_fake(qp, w, eps, bank):
-    return bank.new_empty(bank.shape[1:])
+def _read_stacked_fake(qp, w, eps, bank, dtype=None):
+    return bank.new_empty(bank.shape[1:], dtype=dtype or bank.dtype)
 
 
 @torch.library.register_fake("attnres::read_backward")
@@ -309,11 +310,14 @@ def op_read(qp: Tensor, w: Tensor | None, eps: float, sources: Sequence[Tensor])
     return o, p.view(len(sources), *sources[0].shape[:-1])
 
 
-def read_stacked(qp: Tensor, w: Tensor | None, eps: float, bank: Tensor) -> Tensor:
-    """The read's output over the sources stacked in a contiguous ``bank`` [L, ..., D] (no autograd)."""
+def read_stacked(qp: Tensor, w: Tensor | None, eps: float, bank: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """The read's output over the sources stacked in a contiguous ``bank`` [L, ..., D] (no autograd), in
+    ``dtype`` (default the bank's); the gain ``w`` may be in any dtype the sources may have."""
+    if w is not None and w.dtype != qp.dtype and not (qp.dtype == torch.float32 and w.dtype in _F32_SOURCES):
+        w = w.to(qp.dtype)
     if torch.compiler.is_compiling():
-        return OPS.read_stacked(qp, w, float(eps), bank)
-    return _ext.read_forward_stacked(qp, w, eps, bank)
+        return OPS.read_stacked(qp, w, float(eps), bank, dtype)
+    return _ext.read_forward_stacked(qp, w, eps, bank, dtype)
 
 
 def phase1(qs: Tensor, eps: float, blocks: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:

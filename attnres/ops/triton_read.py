@@ -709,8 +709,10 @@ def _op_merge_forward(qp, w, eps, s1, r1, o1, m1, l1, sources):
     return o.view(sources[0].shape), s, r, p, _empty_if_none(rh, qp)
 
 
-def _op_read_stacked(qp, w, eps, bank):
-    return _launch_read(qp, w, eps, bank.unbind(0))[0].view(bank.shape[1:])
+def _op_read_stacked(qp, w, eps, bank, dtype=None):
+    w = None if w is None else w.to(qp.dtype)
+    o = _launch_read(qp, w, eps, bank.unbind(0))[0].view(bank.shape[1:])
+    return o if dtype is None else o.to(dtype)
 
 
 def _op_read_backward(qp, w, s, r, p, rh, dy, dp_out, sources, need_dq, need_dw, need_dv):

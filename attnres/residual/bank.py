@@ -47,14 +47,15 @@ def read(state: State, v: Tensor, qp: Tensor | None, norm: nn.Module, eps: float
     """Softmax read of folded query ``qp`` over the slots ``v`` (their plain sum if ``qp`` is None),
     then ``norm``: fused as the output gain when ``fuse``, else called as a module."""
     dtype, d = state[1].dtype, v.shape[-1]
+    if qp is not None and read_impl(qp, [v]) == CPU:  # gain and output dtype handled in the kernel
+        y = cpu_kernel.read_stacked(qp, norm.weight if fuse else None, eps, v, dtype)
+        return y if fuse else norm(y)
     w = None
     if fuse:
         w = norm.weight if norm.weight.dtype == v.dtype else norm.weight.to(v.dtype)
     if qp is None:
         y = v.sum(0)
         y = F.rms_norm(y, (d,), w, eps) if fuse else y
-    elif read_impl(qp, [v]) == CPU:
-        y = cpu_kernel.read_stacked(qp, w, eps, v)
     else:
         p = torch.softmax(F.rms_norm(v, (d,), eps=eps) @ qp, dim=0)
         y = (p.unsqueeze(-1) * v).sum(0)

@@ -50,6 +50,35 @@ def test_opcheck_read_backward_and_stacked(need):
     torch.testing.assert_close(OPS.read_stacked(q, w, 1e-6, bank).double(), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("gain", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [None, torch.float32, torch.bfloat16, torch.float16])
+def test_read_stacked_takes_the_gain_and_writes_the_output_in_other_dtypes(gain, dtype):
+    """Cached decode of a 16-bit model: a 16-bit norm gain is used in fp32 and the output written in the
+    activation dtype, bit for bit what casting around the fp32 read gives; opcheck with the dtype argument."""
+    q, w, _src = _inputs([torch.float32], (3, 17), True, False)
+    w = w.to(gain)
+    bank = torch.randn(5, 2, 3, 17)
+    want = OPS.read_stacked(q, w.float(), 1e-6, bank)
+    want = want if dtype is None else want.to(dtype)
+    for got in (OPS.read_stacked(q, w, 1e-6, bank, dtype), cpu_kernel.read_stacked(q, w, 1e-6, bank, dtype)):
+        assert got.dtype == (dtype or torch.float32) and got.shape == (2, 3, 17)
+        assert torch.equal(got, want)
+    torch.library.opcheck(OPS.read_stacked.default, (q, w, 1e-6, bank, dtype), test_utils=TESTS)
+    ref = naive_attn_res(q.double(), bank.double(), output_rms_weight=w.double())
+    torch.testing.assert_close(OPS.read_stacked(q, w, 1e-6, bank).double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_read_stacked_rejects_an_output_dtype_it_cannot_write():
+    q, w, _src = _inputs([torch.float32], (3, 17), True, False)
+    bank = torch.randn(2, 3, 17)
+    with pytest.raises(RuntimeError, match="output dtype Double is not allowed with a Float qp"):
+        OPS.read_stacked(q, w, 1e-6, bank, torch.float64)
+    with pytest.raises(RuntimeError, match="output dtype BFloat16 is not allowed with a Double qp"):
+        OPS.read_stacked(q.double(), w.double(), 1e-6, bank.double(), torch.bfloat16)
+    with pytest.raises(RuntimeError, match="bank must be a contiguous CPU"):
+        OPS.read_stacked(q, w, 1e-6, bank.transpose(0, 1))
+
+
 @pytest.mark.parametrize("output_norm", [False, True])
 def test_op_gradients_equal_reference_float64(output_norm):
     """The op's registered autograd: forward and every gradient (a source without one in the middle)."""

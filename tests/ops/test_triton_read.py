@@ -224,6 +224,9 @@ def test_op_kernels_equal_the_cpu_ops_float64(monkeypatch, with_w, d):
         _close(a, b, f"dv {i}")
     _close(k["attnres::read_stacked"](qp, w, EPS, torch.stack(src)), ops.read_stacked(qp, w, EPS, torch.stack(src)),
            "stacked")
+    if with_w:  # a float32 gain and output with the float64 bank: both cast like the CPU op's callers would
+        got = k["attnres::read_stacked"](qp, w.float(), EPS, torch.stack(src), torch.float32)
+        _close(got, ops.read_stacked(qp, w.float().double(), EPS, torch.stack(src)).float(), "stacked fp32")
     qs = torch.randn(2, d, generator=g, dtype=F64) / d**0.5
     inter = k["attnres::phase1"](qs, EPS, src[:4])
     for name, a, b in zip(("s", "r", "o", "m", "l"), inter, ops.phase1(qs, EPS, src[:4]), strict=True):

@@ -601,11 +601,50 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> read_forward(const Tensor& qp
   return {out, s, r, p, rh};
 }
 
-// The forward output only, for inference: sources stacked as one contiguous [L, ..., D] tensor.
-Tensor read_stacked(const Tensor& qp, const std::optional<Tensor>& w, double eps, const Tensor& bank) {
-  TORCH_CHECK(bank.dim() >= 2 && bank.is_contiguous() && bank.size(0) >= 1,
-              "attnres read: bank must be a contiguous [L, ..., D]");
-  return std::get<0>(read_forward(qp, w, eps, bank.unbind(0)));
+// The L rows of a contiguous bank [L, ..., D] as sources, without a tensor per row.
+template <typename T>
+Sources<T> rows(const Tensor& bank) {
+  Sources<T> v;
+  const int k = kind_of<T>(bank.scalar_type());
+  const auto* base = static_cast<const char*>(bank.data_ptr());
+  const int64_t step = bank.stride(0) * bank.element_size();
+  for (int64_t i = 0; i < bank.size(0); ++i) {
+    v.ptr.push_back(base + i * step);
+    v.kind.push_back(k);
+    v.of[k].push_back(i);
+  }
+  return v;
+}
+
+// The forward output only, for inference (cached decode): the sources are the rows of a contiguous bank
+// [L, ..., D]. The gain w may be in any source dtype (used in T) and the output is written in ``dtype``
+// (default the bank's), so a bf16 model reading an fp32 bank pays no cast either side.
+Tensor read_stacked(const Tensor& qp, const std::optional<Tensor>& w_in, double eps, const Tensor& bank,
+                    std::optional<at::ScalarType> dtype) {
+  const at::ScalarType ct = qp.scalar_type(), ot = dtype.value_or(bank.scalar_type());
+  const bool f64 = ct == at::kDouble;
+  TORCH_CHECK(bank.dim() >= 2 && bank.is_contiguous() && bank.size(0) >= 1 && bank.device().is_cpu(),
+              "attnres read: bank must be a contiguous CPU [L, ..., D] with L >= 1, got ", bank.sizes());
+  TORCH_CHECK(f64 ? ot == at::kDouble : kind_of<float>(ot) >= 0, "attnres read: output dtype ", ot,
+              " is not allowed with a ", ct, " qp (float32/bfloat16/float16 with float32, float64 with float64)");
+  std::optional<Tensor> w;
+  if (w_in) {
+    TORCH_CHECK(f64 ? w_in->scalar_type() == at::kDouble : kind_of<float>(w_in->scalar_type()) >= 0,
+                "attnres read: w of dtype ", w_in->scalar_type(), " with a ", ct, " qp");
+    w = w_in->to(ct);
+  }
+  check(qp, w, bank);  // the bank as one source: its dtype, contiguity and D
+  const int64_t L = bank.size(0), d = qp.size(0), n = bank.numel() / (L * d);
+  auto out = pooled_empty(bank.sizes().slice(1), bank.options().dtype(ot));
+  dispatch(ct, ot, [&](auto t_, auto o_) {
+    using T = decltype(t_);
+    using O = decltype(o_);
+    std::vector<T> stats(3 * L * n + n);  // s, r, p and rh: not kept
+    T* st = stats.data();
+    forward_impl<T, O>(qp.data_ptr<T>(), w ? w->data_ptr<T>() : nullptr, eps, rows<T>(bank), n, d,
+                       static_cast<O*>(out.data_ptr()), st, st + L * n, st + 2 * L * n, w ? st + 3 * L * n : nullptr);
+  });
+  return out;
 }
 
 // Phase 1: (s [nq, n, N], r [n, N], o [nq, N, D], m [nq, N], l [nq, N]) in qs's dtype.
@@ -717,7 +756,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           return read_forward(qp, w, eps, sources);
         },
         "AttnRes read forward (CPU): (o, s, r, p, rh)");
-  m.def("read_forward_stacked", &read_stacked, "AttnRes read forward over a stacked bank (CPU)");
+  m.def("read_forward_stacked", &read_stacked, "AttnRes read forward over a stacked bank (CPU): o in dtype");
   m.def("read_backward",
         [](const Tensor& qp, const std::optional<Tensor>& w, const Tensor& s, const Tensor& r, const Tensor& p,
            const Tensor& rh, const Tensor& dy, const std::optional<Tensor>& dp_out, const std::vector<Tensor>& sources,
