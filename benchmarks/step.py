@@ -187,6 +187,8 @@ def _run_shape(args, device, shape: dict, plan: dict) -> dict:
                 losses[key] = loss.item()
                 calls[key] = step
                 print(f"[step] {label} {key}: {first_s[key]:.1f} s, loss {losses[key]:.3f}", flush=True)
+    # the arms of one dtype x mode next to each other in a round, so each ratio pairs neighbouring steps
+    calls = dict(sorted(calls.items(), key=lambda kv: tuple(kv[0].split("/")[:0:-1])))
     print(f"[step] {label}: timing {len(calls)} variants x {args.repeats} rounds (+{args.warmup} warm-up)", flush=True)
 
     def progress(r, ts):
