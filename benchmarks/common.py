@@ -328,3 +328,28 @@ def build_arm_model(scheme: str, overrides: dict, shape: dict, seed: int, device
 
 def spread(xs: Sequence[float]) -> tuple[float, float]:
     return (min(xs), max(xs)) if xs else (math.nan, math.nan)
+
+
+def median_interval(xs: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """A distribution-free interval for the median of ``xs`` (order statistics x_(k), x_(n+1-k) with the
+    largest k whose binomial coverage is still >= ``level``); (nan, nan) with fewer than 6 values, where no
+    pair of order statistics reaches 95 %."""
+    n = len(xs)
+    k = 0
+    for j in range(1, n // 2 + 1):  # P(x_(j) <= median <= x_(n+1-j)) = 1 - 2 P(Binom(n, 1/2) < j)
+        if 1 - 2 * sum(math.comb(n, i) for i in range(j)) / 2**n < level:
+            break
+        k = j
+    if k == 0:
+        return (math.nan, math.nan)
+    ys = sorted(xs)
+    return (ys[k - 1], ys[n - k])
+
+
+def verdict(value: float, target: float | None, interval: tuple[float, float]) -> str:
+    """'met' / 'missed' by the median against ``target``, 'unresolved' added when the interval holds it."""
+    if target is None or value is None:
+        return ""
+    word = "met" if value <= target else "missed"
+    lo, hi = interval
+    return word + (" (unresolved)" if lo <= target <= hi else "")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import time
 from pathlib import Path
 
@@ -22,12 +23,14 @@ from .common import (
     machine_info,
     md_table,
     median,
+    median_interval,
     parse_choices,
     parse_shapes,
     shape_label,
     shape_model_kwargs,
     spread,
     sync,
+    verdict,
     write_json,
 )
 
@@ -209,6 +212,7 @@ def _run_shape(args, device, shape: dict, plan: dict) -> dict:
                 t = times[key]
                 ratios = [a / b for a, b in zip(t, base, strict=True)]  # time of the arm / time of standard
                 lo, hi = spread(ratios)
+                ci = median_interval(ratios)
                 tr = median(ratios)
                 rows.append(
                     {
@@ -226,6 +230,7 @@ def _run_shape(args, device, shape: dict, plan: dict) -> dict:
                         "time_vs_standard": tr,
                         "time_vs_standard_min": lo,
                         "time_vs_standard_max": hi,
+                        "time_vs_standard_ci95": list(ci),
                         "tokens_per_s_vs_standard": median([b / a for a, b in zip(t, base, strict=True)]),
                         "overhead_vs_standard": tr - 1,
                         "first_two_steps_s": first_s[key],
@@ -285,11 +290,13 @@ def run(args, device: torch.device) -> dict:
     }
 
 
-def _verdict(name: str, ratio) -> str:
+def _verdict(name: str, row: dict) -> str:
     target = TARGETS.get(TRACED_ARMS[name][0] if name in TRACED_ARMS else name)  # a traced arm: its scheme's
-    if target is None or ratio is None:
-        return ""
-    return "met" if ratio <= target else "missed"
+    return verdict(row["time_vs_standard"], target, row.get("time_vs_standard_ci95") or (math.nan, math.nan))
+
+
+def _ci_text(ci) -> str:
+    return "" if not ci or math.isnan(ci[0]) else f" ci {ci[0]:.3f}–{ci[1]:.3f}"
 
 
 def to_markdown(res: dict) -> str:
@@ -298,7 +305,9 @@ def to_markdown(res: dict) -> str:
         f"{res['optimizer']}, device {res['device']}, median of {res['repeats']} interleaved rounds "
         f"(every arm x dtype x mode of a shape in each round, order rotated; {res['warmup_rounds']} warm-up round(s) "
         "after the first two steps, which compile when compiled). 'time ÷ standard' = median over rounds of the "
-        "arm's step time / standard's in the same round, at the same dtype and mode; [min–max] over rounds. "
+        "arm's step time / standard's in the same round, at the same dtype and mode; [min–max] over rounds; "
+        "'ci' a distribution-free 95 % interval of that median (from 6 rounds); 'unresolved': the target lies in "
+        "it. "
         f"bf16 = fp32 weights under torch.autocast(bfloat16). Compiled = torch.compile(model)"
         + (f" (backend {comp['backend']}, mode {comp['mode']})" if comp else "")
         + f". Block: N = {res['num_blocks']} blocks; 'block-no-two-phase' = Block with attn_res_two_phase=False; "
@@ -317,9 +326,10 @@ def to_markdown(res: dict) -> str:
                     if r is None:
                         cells.append("—")
                         continue
-                    v = _verdict(a, r["time_vs_standard"])
+                    v = _verdict(a, r)
                     cells.append(f"{r['time_vs_standard']:.3f} [{r['time_vs_standard_min']:.3f}–"
-                                 f"{r['time_vs_standard_max']:.3f}]" + (f" {v}" if v else ""))
+                                 f"{r['time_vs_standard_max']:.3f}]" + _ci_text(r.get("time_vs_standard_ci95"))
+                                 + (f" {v}" if v else ""))
                 summary.append(cells)
     detail = [
         (
@@ -346,7 +356,7 @@ def to_markdown(res: dict) -> str:
                        f"{s['graphs_compiled_while_timing']}" for s in res["shapes"])
     return (
         head
-        + "\n\n**Time ÷ standard (median [min–max])**\n\n"
+        + "\n\n**Time ÷ standard (median [min–max] ci 95 % interval of the median)**\n\n"
         + md_table(["shape (d x layers, batch x seq)", "dtype", "mode", *arms], summary)
         + "\n\n"
         + md_table(["shape", "dtype", "mode", "residual", "step ms", "tokens/s", "time ÷ standard",

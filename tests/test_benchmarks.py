@@ -214,3 +214,19 @@ def test_issue13_presets_name_the_shapes_the_issue_asks_for():
     args = build_parser().parse_args(["decode", "--decode-shapes", "issue13"])
     assert [(s["hidden"], s["layers"]) for s in decode.resolve(args)["shapes"]] == [(256, 8), (768, 12), (1024, 16)]
     assert args.decode_batches == [1, 8] and decode.resolve(args)["dtypes"] == ["fp32", "bf16"]
+
+
+def test_median_interval_is_the_binomial_order_statistic_interval():
+    """95 % distribution-free interval of the median: ranks from the binomial tail, computed here by hand."""
+    _main()
+    from benchmarks.common import median_interval, verdict
+
+    # n = 9: P(Binom(9, 1/2) <= 1) = 10/512, coverage 0.961; with rank 3 it would be 1 - 2 * 46/512 = 0.82
+    assert median_interval([9, 1, 8, 2, 7, 3, 6, 4, 5]) == (2, 8)
+    # n = 21: P(<= 5) = 0.0133 (coverage 0.973), P(<= 6) = 0.0392 (0.922)
+    assert median_interval(list(range(21))) == (5, 15)
+    assert all(math.isnan(x) for x in median_interval([1.0, 2.0, 3.0, 4.0, 5.0]))  # best pair covers 0.94
+    assert verdict(1.04, 1.05, (0.98, 1.07)) == "met (unresolved)"
+    assert verdict(1.04, 1.05, (1.01, 1.045)) == "met"
+    assert verdict(1.06, 1.05, (1.055, 1.08)) == "missed"
+    assert verdict(1.06, 1.05, (math.nan, math.nan)) == "missed"
