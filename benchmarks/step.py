@@ -44,6 +44,8 @@ CORE_ARMS = {
 # --traced-arm: the same models, compiled with the read traced for inductor (cpu_kernel.set_compiled(False))
 # instead of calling the fused kernel's attnres:: ops; compiled mode only.
 TRACED_ARMS = {"full-traced": ("full", {}), "block-traced": ("block", {})}
+# --aa-arm: a second standard model, built the same way: its ratio to standard is the noise floor of a run
+AA_ARM = {"standard-aa": ("standard", {})}
 TARGETS = {"block": 1.05, "full": 1.10}
 REFERENCE_SHAPE = "256x8x256"
 # --shapes issue13: the reference and the shapes issue 13 asks for (d 768 x 12 and d 1024 x 16, sequences 512-2048)
@@ -106,6 +108,8 @@ def resolve(args) -> dict:
         except ConfigError as e:
             raise SystemExit(f"--arms: {e}") from None
         arms[text] = (arm.scheme, dict(arm.overrides))
+    if args.aa_arm:
+        arms |= AA_ARM
     if args.traced_arm:
         if "compiled" not in modes:
             raise SystemExit("--traced-arm needs the compiled mode (--modes compiled or eager,compiled)")
@@ -387,6 +391,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="untimed rounds of every variant after its first two steps (default 1)")
     g.add_argument("--no-two-phase-arm", action="store_true",
                    help="leave out the block-no-two-phase arm (Block with attn_res_two_phase=False)")
+    g.add_argument("--aa-arm", action="store_true",
+                   help="add standard-aa, a second standard model built the same way and timed in the same rounds: "
+                        "its ratio to standard (ideally 1) shows how far this machine's noise moves a ratio")
     g.add_argument("--traced-arm", action="store_true",
                    help="add full-traced and block-traced arms (compiled only): on CPU the read traced for inductor "
                         "(cpu_kernel.set_compiled(False)) instead of the fused kernel's attnres:: ops (on CUDA "

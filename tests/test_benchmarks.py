@@ -139,20 +139,24 @@ def test_step_times_every_arm_dtype_mode_and_shape(step_matrix):
 
 def test_step_traced_arm_compiles_its_own_graphs(tmp_path):
     """--traced-arm: full-traced and block-traced in compiled mode only, with graphs of their own (the flag
-    is guarded), none compiled while timing."""
+    is guarded), none compiled while timing; --aa-arm: a second, identical standard model in every mode."""
     cmd = [sys.executable, "-m", "benchmarks", "step", "--shapes", "64x2x64x1", "--dtypes", "fp32", "--modes",
-           "eager,compiled", "--compile-backend", "aot_eager", "--traced-arm", "--no-two-phase-arm", "--repeats", "1",
+           "eager,compiled", "--compile-backend", "aot_eager", "--traced-arm", "--aa-arm", "--no-two-phase-arm",
+           "--repeats", "1",
            "--warmup", "0", "--device", "cpu", "--threads", "1", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     sec = json.loads((tmp_path / "step.json").read_text())["sections"]["step"]
     got = {(r["residual"], r["mode"]) for r in sec["rows"]}
-    assert got == {(a, m) for a in ("standard", "full", "block") for m in ("eager", "compiled")} | {
+    assert got == {(a, m) for a in ("standard", "full", "block", "standard-aa") for m in ("eager", "compiled")} | {
         ("full-traced", "compiled"), ("block-traced", "compiled")}
     assert all(r["graphs_compiled_in_first_steps"] > 0 for r in sec["rows"] if r["residual"].endswith("traced"))
     assert sec["shapes"][0]["graphs_compiled_while_timing"] == 0
     md = (tmp_path / "step.md").read_text()
-    assert "| full | block | full-traced | block-traced |" in md and "| eager | " in md and " — " in md
+    assert "| full | block | standard-aa | full-traced | block-traced |" in md and "| eager | " in md and " — " in md
+    aa = [r for r in sec["rows"] if r["residual"] == "standard-aa"]
+    assert all(r["first_loss"] == next(b["first_loss"] for b in sec["rows"] if b["residual"] == "standard"
+                                        and b["mode"] == r["mode"]) for r in aa)  # the same model
 
 
 def test_decode_covers_every_residual_dtype_and_batch(quick_results):
