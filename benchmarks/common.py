@@ -346,6 +346,11 @@ def median_interval(xs: Sequence[float], level: float = 0.95) -> tuple[float, fl
     return (ys[k - 1], ys[n - k])
 
 
+def interval_text(interval) -> str:
+    """' ci lo–hi' for a table cell, '' when there is no interval (fewer than 6 rounds, or an older JSON)."""
+    return "" if not interval or math.isnan(interval[0]) else f" ci {interval[0]:.3f}–{interval[1]:.3f}"
+
+
 def verdict(value: float, target: float | None, interval: tuple[float, float]) -> str:
     """'met' / 'missed' by the median against ``target``, 'unresolved' added when the interval holds it."""
     if target is None or value is None:

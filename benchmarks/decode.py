@@ -15,6 +15,7 @@ from .common import (
     RESIDUALS,
     build_arm_model,
     interleaved,
+    interval_text,
     machine_info,
     md_table,
     median,
@@ -176,11 +177,6 @@ def run(args, device: torch.device) -> dict:
     }
 
 
-def _ci_text(row: dict) -> str:
-    lo, hi = row["per_token_vs_standard_ci95"]
-    return "" if math.isnan(lo) else f" ci {lo:.3f}–{hi:.3f}"
-
-
 def to_markdown(res: dict) -> str:
     r0 = res["rows"][0]
     head = (
@@ -204,7 +200,7 @@ def to_markdown(res: dict) -> str:
             r["tokens_per_s"],
             f"{r['per_token_vs_standard']:.3f} [{r['per_token_vs_standard_min']:.3f}–"
             f"{r['per_token_vs_standard_max']:.3f}]"
-            + ("" if r["residual"] == "standard" else _ci_text(r) + " "
+            + ("" if r["residual"] == "standard" else interval_text(r["per_token_vs_standard_ci95"]) + " "
                + verdict(r["per_token_vs_standard"], TARGET, r["per_token_vs_standard_ci95"])),
             r["tokens_per_s_vs_standard"],
             r["ms_per_decode_token"],

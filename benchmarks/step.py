@@ -20,6 +20,7 @@ from .common import (
     MODES,
     build_arm_model,
     interleaved,
+    interval_text,
     machine_info,
     md_table,
     median,
@@ -299,10 +300,6 @@ def _verdict(name: str, row: dict) -> str:
     return verdict(row["time_vs_standard"], target, row.get("time_vs_standard_ci95") or (math.nan, math.nan))
 
 
-def _ci_text(ci) -> str:
-    return "" if not ci or math.isnan(ci[0]) else f" ci {ci[0]:.3f}–{ci[1]:.3f}"
-
-
 def to_markdown(res: dict) -> str:
     comp = res["compile"]
     head = (
@@ -332,7 +329,7 @@ def to_markdown(res: dict) -> str:
                         continue
                     v = _verdict(a, r)
                     cells.append(f"{r['time_vs_standard']:.3f} [{r['time_vs_standard_min']:.3f}–"
-                                 f"{r['time_vs_standard_max']:.3f}]" + _ci_text(r.get("time_vs_standard_ci95"))
+                                 f"{r['time_vs_standard_max']:.3f}]" + interval_text(r.get("time_vs_standard_ci95"))
                                  + (f" {v}" if v else ""))
                 summary.append(cells)
     detail = [

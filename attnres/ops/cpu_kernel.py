@@ -312,9 +312,7 @@ def op_read(qp: Tensor, w: Tensor | None, eps: float, sources: Sequence[Tensor])
 
 def read_stacked(qp: Tensor, w: Tensor | None, eps: float, bank: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """The read's output over the sources stacked in a contiguous ``bank`` [L, ..., D] (no autograd), in
-    ``dtype`` (default the bank's); the gain ``w`` may be in any dtype the sources may have."""
-    if w is not None and w.dtype != qp.dtype and not (qp.dtype == torch.float32 and w.dtype in _F32_SOURCES):
-        w = w.to(qp.dtype)
+    ``dtype`` (default the bank's); the gain ``w`` may be in any float dtype (used in qp's)."""
     if torch.compiler.is_compiling():
         return OPS.read_stacked(qp, w, float(eps), bank, dtype)
     return _ext.read_forward_stacked(qp, w, eps, bank, dtype)

@@ -50,11 +50,11 @@ def test_opcheck_read_backward_and_stacked(need):
     torch.testing.assert_close(OPS.read_stacked(q, w, 1e-6, bank).double(), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("gain", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("gain", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("dtype", [None, torch.float32, torch.bfloat16, torch.float16])
 def test_read_stacked_takes_the_gain_and_writes_the_output_in_other_dtypes(gain, dtype):
-    """Cached decode of a 16-bit model: a 16-bit norm gain is used in fp32 and the output written in the
-    activation dtype, bit for bit what casting around the fp32 read gives; opcheck with the dtype argument."""
+    """Cached decode of a 16-bit model: a norm gain of any float dtype is used in fp32 and the output written in
+    the activation dtype, bit for bit what casting around the fp32 read gives; opcheck with the dtype argument."""
     q, w, _src = _inputs([torch.float32], (3, 17), True, False)
     w = w.to(gain)
     bank = torch.randn(5, 2, 3, 17)
@@ -77,6 +77,8 @@ def test_read_stacked_rejects_an_output_dtype_it_cannot_write():
         OPS.read_stacked(q.double(), w.double(), 1e-6, bank.double(), torch.bfloat16)
     with pytest.raises(RuntimeError, match="bank must be a contiguous CPU"):
         OPS.read_stacked(q, w, 1e-6, bank.transpose(0, 1))
+    with pytest.raises(RuntimeError, match="w must be floating point, got Int"):
+        OPS.read_stacked(q, w.int(), 1e-6, bank)
 
 
 @pytest.mark.parametrize("output_norm", [False, True])
