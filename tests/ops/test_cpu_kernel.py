@@ -216,6 +216,23 @@ def test_fused_read_bf16_rounds_like_torch():
     assert (o == want).float().mean() > 0.99  # ties of fp32-rounding apart, bit-equal
 
 
+@pytest.mark.parametrize("scale", [1.0, 1e-38, 1e-40])
+def test_fused_read_bf16_output_bit_equal_to_torch_rounding(scale):
+    """Writing bf16 in the kernel (one instruction where the CPU has AVX512-BF16) rounds every value, subnormal
+    ones included (which that instruction would flush to zero), exactly as ``Tensor.to(torch.bfloat16)`` rounds
+    the kernel's fp32 result; zeros keep their sign."""
+    gen = torch.Generator().manual_seed(6)
+    bank = torch.randn(3, 5, 48, generator=gen) * scale
+    bank[0, 0, :16] = 0.0
+    bank[:, 1, 16:32] = -0.0
+    q = torch.randn(48, generator=gen) / 4
+    want = cpu_kernel.read_stacked(q, None, 1e-6, bank).to(BF16)
+    got = cpu_kernel.read_stacked(q, None, 1e-6, bank, BF16)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    if scale < 1e-37:
+        assert (want.float().abs() < torch.finfo(torch.float32).tiny).logical_and(want != 0).any()  # subnormals
+
+
 @pytest.mark.parametrize("mode", ["bf16", "f16", "mixed"])
 @pytest.mark.parametrize("n, shape", [(1, (1, 1, 33)), (2, (2, 19, 17)), (9, (3, 5, 100))])
 @pytest.mark.parametrize("output_norm", [False, True])
