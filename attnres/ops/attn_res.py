@@ -4,7 +4,7 @@ Scores are folded, s_i = <v_i, q'> * r_i with q' = scale * q * g and r_i = rsqrt
 so normalised keys are never materialised, and the sources are never stacked. Backward keeps
 only references to the sources and per-token fp32 statistics (weights p, r_i, and the output
 norm's r) and recomputes the rest. Math in fp32 (fp64 for fp64 sources); output in the sources'
-dtype.
+dtype, or in a ``dtype`` asked for (rounded once from the fp32 result; the gradient read in it).
 
 Gradients (per token; h = sum_i p_i v_i, dh the gradient of h):
     ds_i  = p_i * (<v_i, dh> - sum_j p_j <v_j, dh>)          (+ the gradient of p if returned)
@@ -57,15 +57,16 @@ def _mix(sources: Sequence[Tensor], p: Tensor, ct: torch.dtype) -> Tensor:
     return h
 
 
-def _finish_forward(ctx, qp, w, eps, s, r, p, h, sources):
-    """Apply the optional output norm, save what backward needs, return (o, p) shaped like the sources."""
+def _finish_forward(ctx, qp, w, eps, s, r, p, h, sources, dtype=None):
+    """Apply the optional output norm, save what backward needs, return (o, p) shaped like the sources, o in
+    ``dtype`` (default the sources' promoted dtype)."""
     rh = None
     if w is not None:
         rh = rstd(h, eps)
         h.mul_(rh[:, None]).mul_(w)
     ctx.save_for_backward(qp, w, s, r, p, rh, *sources)
     shape = sources[0].shape
-    return h.to(source_dtype(sources)).reshape(shape), p.reshape(len(sources), *shape[:-1])
+    return h.to(dtype or source_dtype(sources)).reshape(shape), p.reshape(len(sources), *shape[:-1])
 
 
 def _read_backward(ctx, dy: Tensor | None, dp_out: Tensor | None, needs: Needs):
@@ -109,9 +110,9 @@ def _read_backward(ctx, dy: Tensor | None, dp_out: Tensor | None, needs: Needs):
 
 class _AttnResRead(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qp: Tensor, w: Tensor | None, eps: float, *sources: Tensor):
+    def forward(ctx, qp: Tensor, w: Tensor | None, eps: float, dtype: torch.dtype | None, *sources: Tensor):
         s, r, p = _stats(sources, qp, eps)
-        return _finish_forward(ctx, qp, w, eps, s, r, p, _mix(sources, p, qp.dtype), sources)
+        return _finish_forward(ctx, qp, w, eps, s, r, p, _mix(sources, p, qp.dtype), sources, dtype)
 
     @staticmethod
     @once_differentiable
@@ -161,14 +162,15 @@ def attn_res(
     return (o, p) if return_weights else o
 
 
-def read(qp: Tensor, w: Tensor | None, eps: float, sources: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+def read(qp: Tensor, w: Tensor | None, eps: float, sources: Sequence[Tensor],
+         dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """The read with folded query ``qp`` (compute dtype), unchecked, by the implementation
-    :func:`attnres.ops.dispatch.read_impl` picks."""
+    :func:`attnres.ops.dispatch.read_impl` picks; ``o`` in ``dtype`` (default the sources' promoted dtype)."""
     impl = read_impl(qp, sources, w)
     if impl == TRITON:
         from .triton_read import triton_read
 
-        return triton_read(qp, w, eps, sources)
+        return triton_read(qp, w, eps, sources, dtype)
     if impl == CPU:
-        return cpu_kernel.read(qp, w, eps, sources)
-    return _AttnResRead.apply(qp, w, eps, *sources)
+        return cpu_kernel.read(qp, w, eps, sources, dtype)
+    return _AttnResRead.apply(qp, w, eps, dtype, *sources)

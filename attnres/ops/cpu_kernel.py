@@ -188,7 +188,8 @@ def usable(qp: Tensor, sources: Sequence[Tensor], w: Tensor | None = None) -> bo
 
 torch.library.define(
     "attnres::read_forward",
-    "(Tensor qp, Tensor? w, float eps, Tensor[] sources) -> (Tensor o, Tensor s, Tensor r, Tensor p, Tensor rh)",
+    "(Tensor qp, Tensor? w, float eps, Tensor[] sources, ScalarType? dtype=None) "
+    "-> (Tensor o, Tensor s, Tensor r, Tensor p, Tensor rh)",
 )
 torch.library.define("attnres::read_stacked",
                      "(Tensor qp, Tensor? w, float eps, Tensor bank, ScalarType? dtype=None) -> Tensor")
@@ -202,16 +203,16 @@ torch.library.define(
 )
 torch.library.define(
     "attnres::merge_forward",
-    "(Tensor qp, Tensor? w, float eps, Tensor s1, Tensor r1, Tensor o1, Tensor m1, Tensor l1, Tensor[] sources) "
-    "-> (Tensor o, Tensor s, Tensor r, Tensor p, Tensor rh)",
+    "(Tensor qp, Tensor? w, float eps, Tensor s1, Tensor r1, Tensor o1, Tensor m1, Tensor l1, Tensor[] sources, "
+    "ScalarType? dtype=None) -> (Tensor o, Tensor s, Tensor r, Tensor p, Tensor rh)",
 )
 OPS = torch.ops.attnres
 
 
 @torch.library.register_fake("attnres::read_forward")
-def _read_forward_fake(qp, w, eps, sources):
+def _read_forward_fake(qp, w, eps, sources, dtype=None):
     n = sources[0].numel() // qp.shape[0]
-    o = torch.empty(sources[0].shape, dtype=source_dtype(sources), device=qp.device)
+    o = torch.empty(sources[0].shape, dtype=dtype or source_dtype(sources), device=qp.device)
     s, r, p = (qp.new_empty(len(sources), n) for _ in range(3))
     return o, s, r, p, qp.new_empty(n if w is not None else 0)
 
@@ -239,8 +240,8 @@ def _phase1_fake(qs, eps, blocks):
 
 
 @torch.library.register_fake("attnres::merge_forward")
-def _merge_forward_fake(qp, w, eps, s1, r1, o1, m1, l1, sources):
-    return _read_forward_fake(qp, w, eps, sources)
+def _merge_forward_fake(qp, w, eps, s1, r1, o1, m1, l1, sources, dtype=None):
+    return _read_forward_fake(qp, w, eps, sources, dtype)
 
 
 _OP_SLOTS = Slots.of_op(OPS.read_forward.default)
@@ -248,16 +249,16 @@ _MERGE_SLOTS = Slots.of_op(OPS.merge_forward.default)
 
 
 def _op_setup_context(ctx, inputs, output):
-    qp, w, _eps, sources = inputs
+    args = dict(zip(_OP_SLOTS.names, inputs, strict=False))  # a defaulted dtype may be absent
     _o, s, r, p, rh = output
     ctx.mark_non_differentiable(s, r, rh)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(qp, w, s, r, p, rh, *sources)
+    ctx.save_for_backward(args["qp"], args["w"], s, r, p, rh, *args["sources"])
 
 
 def _op_backward(ctx, do, ds, dr, dp, drh):
     dqp, dw, grads = backward(ctx, do, dp, _OP_SLOTS.needs(ctx), op=True)
-    return _OP_SLOTS.grads(dqp, dw, grads)
+    return _OP_SLOTS.grads(dqp, dw, grads, len(ctx.needs_input_grad))
 
 
 torch.library.register_autograd("attnres::read_forward", _op_backward, setup_context=_op_setup_context)
@@ -266,7 +267,7 @@ torch.library.register_autograd("attnres::read_forward", _op_backward, setup_con
 def _merge_setup_context(ctx, inputs, output):
     """As the read's: the phase-1 statistics (s1 .. l1) are constants of the forward schedule, the gradients
     are the joint read's over (qp, w, sources), picked from the inputs by name."""
-    args = dict(zip(_MERGE_SLOTS.names, inputs, strict=True))
+    args = dict(zip(_MERGE_SLOTS.names, inputs, strict=False))  # a defaulted dtype may be absent
     _o, s, r, p, rh = output
     ctx.mark_non_differentiable(s, r, rh)
     ctx.set_materialize_grads(False)
@@ -275,7 +276,7 @@ def _merge_setup_context(ctx, inputs, output):
 
 def _merge_backward(ctx, do, ds, dr, dp, drh):
     dqp, dw, grads = backward(ctx, do, dp, _MERGE_SLOTS.needs(ctx), op=True)
-    return _MERGE_SLOTS.grads(dqp, dw, grads)
+    return _MERGE_SLOTS.grads(dqp, dw, grads, len(ctx.needs_input_grad))
 
 
 torch.library.register_autograd("attnres::merge_forward", _merge_backward, setup_context=_merge_setup_context)
@@ -294,19 +295,21 @@ torch.library.register_autograd("attnres::phase1", _phase1_backward, setup_conte
 
 # ---- the read ----
 
-def read(qp: Tensor, w: Tensor | None, eps: float, sources: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """``(o, p)`` of the read (as ``attn_res._AttnResRead.apply(qp, w, eps, *sources)``), fused; the op
-    when compiling, else the autograd.Function."""
+def read(qp: Tensor, w: Tensor | None, eps: float, sources: Sequence[Tensor],
+         dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """``(o, p)`` of the read (as ``attn_res._AttnResRead.apply(qp, w, eps, dtype, *sources)``), fused, ``o``
+    in ``dtype`` (default the sources' promoted dtype); the op when compiling, else the autograd.Function."""
     qp = qp.contiguous()
     w = None if w is None else w.contiguous()
     if torch.compiler.is_compiling():
-        return op_read(qp, w, eps, sources)
-    return CpuRead.apply(qp, w, eps, *sources)
+        return op_read(qp, w, eps, sources, dtype)
+    return CpuRead.apply(qp, w, eps, dtype, *sources)
 
 
-def op_read(qp: Tensor, w: Tensor | None, eps: float, sources: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+def op_read(qp: Tensor, w: Tensor | None, eps: float, sources: Sequence[Tensor],
+            dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """``(o, p)`` of the read through the ``attnres::read_forward`` op (any device with a kernel for it)."""
-    o, _s, _r, p, _rh = OPS.read_forward(qp, w, float(eps), list(sources))
+    o, _s, _r, p, _rh = OPS.read_forward(qp, w, float(eps), list(sources), dtype)
     return o, p.view(len(sources), *sources[0].shape[:-1])
 
 
@@ -327,29 +330,30 @@ def phase1(qs: Tensor, eps: float, blocks: Sequence[Tensor]) -> tuple[Tensor, Te
 
 
 def merge(qp: Tensor, w: Tensor | None, eps: float, inter: Sequence[Tensor],
-          sources: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+          sources: Sequence[Tensor], dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """``(o, p)`` of the two-phase merged read over ``sources`` (the completed blocks, then the partial sum
-    if any) from the phase-1 statistics ``inter = (s, r, o, m, l)`` of this query; backward is the read's."""
+    if any) from the phase-1 statistics ``inter = (s, r, o, m, l)`` of this query, ``o`` in ``dtype`` (default
+    the sources' promoted dtype); backward is the read's."""
     qp = qp.contiguous()
     w = None if w is None else w.contiguous()
     inter = [t.contiguous() for t in inter]
     if torch.compiler.is_compiling():
-        return op_merge(qp, w, eps, inter, sources)
-    return CpuMerge.apply(qp, w, eps, *inter, *sources)
+        return op_merge(qp, w, eps, inter, sources, dtype)
+    return CpuMerge.apply(qp, w, eps, dtype, *inter, *sources)
 
 
 def op_merge(qp: Tensor, w: Tensor | None, eps: float, inter: Sequence[Tensor],
-             sources: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+             sources: Sequence[Tensor], dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """``(o, p)`` of the merged read through the ``attnres::merge_forward`` op."""
-    o, _s, _r, p, _rh = OPS.merge_forward(qp, w, float(eps), *inter, list(sources))
+    o, _s, _r, p, _rh = OPS.merge_forward(qp, w, float(eps), *inter, list(sources), dtype)
     return o, p.view(len(sources), *sources[0].shape[:-1])
 
 
 class CpuMerge(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qp: Tensor, w: Tensor | None, eps: float, s1: Tensor, r1: Tensor, o1: Tensor, m1: Tensor,
-                l1: Tensor, *sources: Tensor):
-        o, s, r, p, rh = _ext.merge_forward(qp, w, eps, s1, r1, o1, m1, l1, list(sources))
+    def forward(ctx, qp: Tensor, w: Tensor | None, eps: float, dtype: torch.dtype | None, s1: Tensor, r1: Tensor,
+                o1: Tensor, m1: Tensor, l1: Tensor, *sources: Tensor):
+        o, s, r, p, rh = _ext.merge_forward(qp, w, eps, s1, r1, o1, m1, l1, list(sources), dtype)
         ctx.save_for_backward(qp, w, s, r, p, rh, *sources)
         return o, p.view(len(sources), *sources[0].shape[:-1])
 
@@ -365,11 +369,11 @@ _MERGE_FN_SLOTS = Slots.of_function(CpuMerge.forward)
 
 class CpuRead(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qp: Tensor, w: Tensor | None, eps: float, *sources: Tensor):
+    def forward(ctx, qp: Tensor, w: Tensor | None, eps: float, dtype: torch.dtype | None, *sources: Tensor):
         ext = load()
         if ext is None:
             raise RuntimeError(f"the fused CPU read is unavailable: {unavailable_reason()}")
-        o, s, r, p, rh = ext.read_forward(qp, w, eps, list(sources))
+        o, s, r, p, rh = ext.read_forward(qp, w, eps, list(sources), dtype)
         ctx.save_for_backward(qp, w, s, r, p, rh, *sources)
         return o, p.view(len(sources), *sources[0].shape[:-1])
 
@@ -391,7 +395,7 @@ def backward(ctx, dy: Tensor | None, dp_out: Tensor | None, needs: Needs, op: bo
     """(dqp, dw, source grads) from statistics saved as (qp, w, s, r, p, rh, *sources); through the
     ``attnres::read_backward`` op when ``op`` or when tracing, else the pybind function."""
     qp, w, s, r, p, rh, *sources = ctx.saved_tensors
-    if dy is None:
+    if dy is None:  # read in any dtype the kernel takes: zeros of the sources' promoted one
         dy = torch.zeros(sources[0].shape, dtype=source_dtype(sources), device=qp.device)
     dp_out = None if dp_out is None else dp_out.contiguous()
     need_dw = needs.w and w is not None

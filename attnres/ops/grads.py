@@ -57,14 +57,16 @@ class Slots:
 
     def needs(self, ctx) -> Needs:
         flags = ctx.needs_input_grad
-        sources = flags[self._s:] if self.star else flags[self._s]
-        if not self.star and len(flags) != self._width:
+        if not self.star and not self._s < len(flags) <= self._width:  # trailing defaulted arguments may be absent
             raise TypeError(f"needs_input_grad has {len(flags)} entries, the op {self._width} arguments")
+        sources = flags[self._s:] if self.star else flags[self._s]
         return Needs(bool(flags[self._q]), bool(flags[self._w]), tuple(bool(f) for f in sources))
 
-    def grads(self, dqp: Tensor | None, dw: Tensor | None, sources: Sequence[Tensor | None]) -> tuple:
-        """The backward's return: each gradient in its argument's slot, None in the others."""
-        out = [None] * (self._width - 1 if self.star else self._width)
+    def grads(self, dqp: Tensor | None, dw: Tensor | None, sources: Sequence[Tensor | None],
+              inputs: int | None = None) -> tuple:
+        """The backward's return: each gradient in its argument's slot, None in the others; for an op, one per
+        argument it was called with (``inputs``: trailing defaulted ones may be absent)."""
+        out = [None] * (self._width - 1 if self.star else inputs or self._width)
         out[self._q], out[self._w] = dqp, dw
         if self.star:
             return (*out, *sources)

@@ -495,13 +495,14 @@ def _check_dtypes(what: str, sources: Sequence[Tensor]) -> None:
             raise TypeError(f"{what} supports fp32/bf16/fp16/fp64 sources, got {v.dtype}")
 
 
-def _launch_read(qp: Tensor, w: Tensor | None, eps: float, sources: Sequence[Tensor]):
-    """One forward launch: ``(o [N, D], s, r, p [L, N], rh [N] or None, flat)``, flat the sources as [N, D]."""
+def _launch_read(qp: Tensor, w: Tensor | None, eps: float, sources: Sequence[Tensor], dtype: torch.dtype | None = None):
+    """One forward launch: ``(o [N, D], s, r, p [L, N], rh [N] or None, flat)``, flat the sources as [N, D]; o in
+    ``dtype`` (default the sources' promoted dtype)."""
     _check_dtypes("triton_read", sources)
     ct, d = qp.dtype, qp.shape[0]
     flat = [_rows(v, d) for v in sources]
     n, L = flat[0].shape[0], len(flat)
-    o = torch.empty(n, d, dtype=source_dtype(sources), device=qp.device)
+    o = torch.empty(n, d, dtype=dtype or source_dtype(sources), device=qp.device)
     s, r, p = (torch.empty(L, n, dtype=ct, device=qp.device) for _ in range(3))
     rh = None if w is None else torch.empty(n, dtype=ct, device=qp.device)
     if n > 0:
@@ -521,9 +522,9 @@ def _launch_read(qp: Tensor, w: Tensor | None, eps: float, sources: Sequence[Ten
 
 class _TritonRead(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qp: Tensor, w: Tensor | None, eps: float, *sources: Tensor):
+    def forward(ctx, qp: Tensor, w: Tensor | None, eps: float, dtype: torch.dtype | None, *sources: Tensor):
         shape = sources[0].shape
-        o, s, r, p, rh, flat = _launch_read(qp, w, eps, sources)
+        o, s, r, p, rh, flat = _launch_read(qp, w, eps, sources, dtype)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(qp, w, s, r, p, rh, *flat)
         ctx.shape = shape
@@ -572,23 +573,24 @@ def _launch_backward(qp, w, s, r, p, rh, flat, dy, dp_out, needs: Needs, shape):
     return dqp, dw, [None if g is None else g.view(shape) for g in grads]
 
 
-def triton_read(qp: Tensor, w: Tensor | None, eps: float, sources: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """The AttnRes read on the GPU: ``(o, p)`` as ``_AttnResRead.apply(qp, w, eps, *sources)`` returns them.
+def triton_read(qp: Tensor, w: Tensor | None, eps: float, sources: Sequence[Tensor],
+                dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """The AttnRes read on the GPU: ``(o, p)`` as ``_AttnResRead.apply(qp, w, eps, dtype, *sources)`` returns them.
 
     qp: the folded query [D] (q * key-norm gain * scale) in the compute dtype (fp32, fp64 for fp64
     sources); w: the output RMSNorm gain [D] in the compute dtype, or None; sources: L >= 1 tensors
     of one shape [..., D] (fp32/bf16/fp16/fp64, mixed dtypes promote). o has the sources' shape and
-    promoted dtype, p is [L, ...] in the compute dtype; both are differentiable.
+    promoted dtype (or ``dtype``), p is [L, ...] in the compute dtype; both are differentiable.
     """
     if not TRITON_AVAILABLE:
         raise RuntimeError("triton_read needs triton, which is not installed")
     if torch.compiler.is_compiling():
-        return op_read(qp, w, eps, sources)
-    return _TritonRead.apply(qp, w, float(eps), *sources)
+        return op_read(qp, w, eps, sources, dtype)
+    return _TritonRead.apply(qp, w, float(eps), dtype, *sources)
 
 
 def _launch_merge(qp: Tensor, w: Tensor | None, eps: float, s1: Tensor, r1: Tensor, o1: Tensor, m1: Tensor,
-                  l1: Tensor, sources: Sequence[Tensor]):
+                  l1: Tensor, sources: Sequence[Tensor], dtype: torch.dtype | None = None):
     """One merge launch: ``(o [N, D], s, r, p [L, N], rh [N] or None, flat)`` as :func:`_launch_read`."""
     _check_dtypes("triton_merge", sources)
     ct, d = qp.dtype, qp.shape[0]
@@ -596,7 +598,7 @@ def _launch_merge(qp: Tensor, w: Tensor | None, eps: float, s1: Tensor, r1: Tens
     n, L, nb = flat[0].shape[0], len(flat), s1.shape[0]
     if L not in (nb, nb + 1):
         raise ValueError(f"triton_merge: {L} sources for the phase-1 statistics of {nb} blocks")
-    o = torch.empty(n, d, dtype=source_dtype(sources), device=qp.device)
+    o = torch.empty(n, d, dtype=dtype or source_dtype(sources), device=qp.device)
     s, r, p = (torch.empty(L, n, dtype=ct, device=qp.device) for _ in range(3))
     rh = None if w is None else torch.empty(n, dtype=ct, device=qp.device)
     if n > 0:
@@ -617,10 +619,10 @@ class _TritonMerge(torch.autograd.Function):
     the read's backward kernel on the joint read's statistics."""
 
     @staticmethod
-    def forward(ctx, qp: Tensor, w: Tensor | None, eps: float, s1: Tensor, r1: Tensor, o1: Tensor, m1: Tensor,
-                l1: Tensor, *sources: Tensor):
+    def forward(ctx, qp: Tensor, w: Tensor | None, eps: float, dtype: torch.dtype | None, s1: Tensor, r1: Tensor,
+                o1: Tensor, m1: Tensor, l1: Tensor, *sources: Tensor):
         shape = sources[0].shape
-        o, s, r, p, rh, flat = _launch_merge(qp, w, eps, s1, r1, o1, m1, l1, sources)
+        o, s, r, p, rh, flat = _launch_merge(qp, w, eps, s1, r1, o1, m1, l1, sources, dtype)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(qp, w, s, r, p, rh, *flat)
         ctx.shape = shape
@@ -636,15 +638,15 @@ _MERGE_SLOTS = Slots.of_function(_TritonMerge.forward)
 
 
 def triton_merge(qp: Tensor, w: Tensor | None, eps: float, inter: Sequence[Tensor],
-                 sources: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+                 sources: Sequence[Tensor], dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """``(o, p)`` of the two-phase merged read over ``sources`` (the completed blocks, then the partial sum
     if any) from this query's phase-1 terms ``inter = (s [n, N], r [n, N], o [N, D], m [N], l [N])``; as
     ``cpu_kernel.merge`` / ``two_phase._MergedRead``, both outputs differentiable."""
     if not TRITON_AVAILABLE:
         raise RuntimeError("triton_merge needs triton, which is not installed")
     if torch.compiler.is_compiling():
-        return op_merge(qp, w, eps, inter, sources)
-    return _TritonMerge.apply(qp, w, float(eps), *inter, *sources)
+        return op_merge(qp, w, eps, inter, sources, dtype)
+    return _TritonMerge.apply(qp, w, float(eps), dtype, *inter, *sources)
 
 
 def triton_phase1(qs: Tensor, eps: float, blocks: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -699,20 +701,19 @@ def _empty_if_none(t: Tensor | None, like: Tensor) -> Tensor:
     return like.new_empty(0) if t is None else t
 
 
-def _op_read_forward(qp, w, eps, sources):
-    o, s, r, p, rh, _flat = _launch_read(qp, w, eps, sources)
+def _op_read_forward(qp, w, eps, sources, dtype=None):
+    o, s, r, p, rh, _flat = _launch_read(qp, w, eps, sources, dtype)
     return o.view(sources[0].shape), s, r, p, _empty_if_none(rh, qp)
 
 
-def _op_merge_forward(qp, w, eps, s1, r1, o1, m1, l1, sources):
-    o, s, r, p, rh, _flat = _launch_merge(qp, w, eps, s1, r1, o1, m1, l1, sources)
+def _op_merge_forward(qp, w, eps, s1, r1, o1, m1, l1, sources, dtype=None):
+    o, s, r, p, rh, _flat = _launch_merge(qp, w, eps, s1, r1, o1, m1, l1, sources, dtype)
     return o.view(sources[0].shape), s, r, p, _empty_if_none(rh, qp)
 
 
 def _op_read_stacked(qp, w, eps, bank, dtype=None):
     w = None if w is None else w.to(qp.dtype)
-    o = _launch_read(qp, w, eps, bank.unbind(0))[0].view(bank.shape[1:])
-    return o if dtype is None else o.to(dtype)
+    return _launch_read(qp, w, eps, bank.unbind(0), dtype)[0].view(bank.shape[1:])
 
 
 def _op_read_backward(qp, w, s, r, p, rh, dy, dp_out, sources, need_dq, need_dw, need_dv):

@@ -96,7 +96,8 @@ def phase1(queries: Tensor, blocks: Sequence[Tensor], eps: float) -> list[InterB
 
 class _MergedRead(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qp: Tensor, w: Tensor | None, eps: float, inter: InterBlock, *sources: Tensor):
+    def forward(ctx, qp: Tensor, w: Tensor | None, eps: float, dtype: torch.dtype | None, inter: InterBlock,
+                *sources: Tensor):
         n = inter.s.shape[0]
         if len(sources) == n:  # first sublayer of the block: completed blocks only
             s, r, big, z = inter.s, inter.r, inter.m, inter.l
@@ -112,7 +113,7 @@ class _MergedRead(torch.autograd.Function):
             h.addcmul_(vp, (b / z)[:, None])
             s, r = torch.cat([inter.s, s_p[None]]), torch.cat([inter.r, r_p[None]])
         p = torch.exp(s - big).div_(z)
-        return _finish_forward(ctx, qp, w, eps, s, r, p, h, sources)
+        return _finish_forward(ctx, qp, w, eps, s, r, p, h, sources, dtype)
 
     @staticmethod
     @once_differentiable
@@ -126,24 +127,24 @@ _SLOTS = Slots.of_function(_MergedRead.forward)
 
 def merged_read(
     qp: Tensor, inter: InterBlock, blocks: Sequence[Tensor], partial: Tensor | None,
-    output_rms_weight: Tensor | None = None, rms_eps: float = 1e-6,
+    output_rms_weight: Tensor | None = None, rms_eps: float = 1e-6, dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Phase 2: the read of folded query ``qp`` over ``[*blocks, partial]`` given its phase-1 terms.
 
     Returns ``(o, p)`` exactly as :func:`attnres.attn_res` (with ``return_weights=True``) over the
-    same sources would. ``blocks`` must be the ones ``inter`` was computed from.
+    same sources would, ``o`` in ``dtype`` if given. ``blocks`` must be the ones ``inter`` was computed from.
     """
     sources = (*blocks, partial) if partial is not None else tuple(blocks)
     w = None if output_rms_weight is None else output_rms_weight.to(qp.dtype).contiguous()
     qp = qp.contiguous()
     impl = read_impl(qp, sources, w)
     if impl == CPU:  # forward and backward fused (the attnres:: ops when compiling)
-        return cpu_kernel.merge(qp, w, float(rms_eps), inter.tensors(), sources)
+        return cpu_kernel.merge(qp, w, float(rms_eps), inter.tensors(), sources, dtype)
     if impl == TRITON:
         from .triton_read import triton_merge
 
-        return triton_merge(qp, w, float(rms_eps), inter.tensors(), sources)
-    return _MergedRead.apply(qp, w, float(rms_eps), inter, *sources)
+        return triton_merge(qp, w, float(rms_eps), inter.tensors(), sources, dtype)
+    return _MergedRead.apply(qp, w, float(rms_eps), dtype, inter, *sources)
 
 
 def two_phase_attn_res(

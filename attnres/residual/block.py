@@ -12,6 +12,10 @@ the last entry is a partial sum follows from the sublayer index (j % S != 0). In
 a layer's :meth:`plan` runs phase 1 (PAPER Alg. 1, ``attnres.ops.two_phase``) once for those of its
 reads that see the same completed blocks, and each of them merges its partial sum. ``Mode.BANK``
 keeps the sources in one preallocated tensor (``bank.py``).
+
+A read that applies the sublayer's norm itself writes, under autocast, the sublayer's input in the autocast
+dtype (``norm.sublayer_dtype``): the values the sublayer's matmuls would cast it to; the final read's output
+(``last_hidden_state``) keeps the sources' dtype.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from ..ops._checks import compute_dtype, source_dtype
 from ..ops.attn_res import read as attn_read
 from . import bank
 from .base import DepthQuery, Mode, Pass, ResidualScheme, State
-from .norm import fusable
+from .norm import fusable, sublayer_dtype
 
 
 @dataclass(frozen=True)
@@ -109,7 +113,8 @@ class BlockAttnRes(ResidualScheme):
         ct = compute_dtype(source_dtype(sources))
         qp = query(ct)
         if self._fuse(norm, ctx):
-            return attn_read(qp, norm.weight.to(ct), self.eps, sources)[0]
+            dtype = sublayer_dtype(sources[0], ct) if j < self.num_sublayers else None
+            return attn_read(qp, norm.weight.to(ct), self.eps, sources, dtype)[0]
         h, p = attn_read(qp, None, self.eps, sources)
         self._record(ctx, j, h, p)
         return norm(h)
@@ -119,7 +124,8 @@ class BlockAttnRes(ResidualScheme):
         partial = state[n] if j % self.block_size else None
         qp = plan.queries[k]
         if self._fuse(norm, ctx):
-            return merged_read(qp, plan.inter[k], plan.blocks, partial, norm.weight, self.eps)[0]
+            dtype = sublayer_dtype(state[0], qp.dtype)
+            return merged_read(qp, plan.inter[k], plan.blocks, partial, norm.weight, self.eps, dtype)[0]
         return norm(merged_read(qp, plan.inter[k], plan.blocks, partial, None, self.eps)[0])
 
     def __repr__(self) -> str:

@@ -31,3 +31,16 @@ def fusable(norm: nn.Module) -> bool:
     """
     return (type(norm) is RMSNorm and not norm._forward_pre_hooks and not norm._forward_hooks
             and not _module._global_forward_pre_hooks and not _module._global_forward_hooks)
+
+
+def sublayer_dtype(x: Tensor, ct: torch.dtype) -> torch.dtype | None:
+    """The dtype a fused read writes a sublayer's input in, or None for the sources' own.
+
+    Under autocast the sublayers (attention, MLP) open with matmuls, which cast their fp32 input to the
+    autocast dtype: a read computing in fp32 (``ct``) writes that dtype itself, the same values rounded once,
+    half the bytes written and read, and its gradient arrives in it (not through a cast back to fp32).
+    """
+    dev = x.device.type
+    if ct != torch.float32 or not torch.is_autocast_enabled(dev):
+        return None
+    return torch.get_autocast_dtype(dev)

@@ -28,7 +28,7 @@ def test_fused_read_equals_reference_forward_and_gradients_float64(d, n, output_
         if fn is None:
             o, p = naive_attn_res(q, src, output_rms_weight=wo, rms_eps=1e-6, return_weights=True)
         else:
-            o, p = fn(q, wo, 1e-6, *src)
+            o, p = fn(q, wo, 1e-6, None, *src)
         inputs = [q, *(s for s in src if s.requires_grad)] + ([w] if output_norm else [])
         results.append((o, p, *torch.autograd.grad([o, p], inputs, [dy, dpo])))
     for fused, want in ((results[0], results[2]), (results[1], results[2])):
@@ -40,7 +40,7 @@ def test_fused_read_float32_close_to_float64():
     gen = torch.Generator().manual_seed(0)
     src = [torch.randn(64, 300, generator=gen) for _ in range(5)]
     q, w = torch.randn(300, generator=gen) / 17, torch.rand(300, generator=gen) + 0.5
-    o, p = cpu_kernel.CpuRead.apply(q, w, 1e-6, *src)
+    o, p = cpu_kernel.CpuRead.apply(q, w, 1e-6, None, *src)
     o64, p64 = naive_attn_res(q.double(), [s.double() for s in src], output_rms_weight=w.double(), return_weights=True)
     torch.testing.assert_close(o.double(), o64, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(p.double(), p64, rtol=1e-5, atol=1e-6)
@@ -80,7 +80,7 @@ def test_fused_read_is_the_same_with_several_threads():
     try:
         for n in (1, 3):  # per-thread partial sums of the query and gain gradients
             torch.set_num_threads(n)
-            o, _ = cpu_kernel.CpuRead.apply(q, w, 1e-6, *src)
+            o, _ = cpu_kernel.CpuRead.apply(q, w, 1e-6, None, *src)
             results.append((o, *torch.autograd.grad(o, [q, w, *src], dy)))
     finally:
         torch.set_num_threads(threads)
@@ -176,7 +176,7 @@ def check_16bit_read(read, mode, n, shape, output_norm, seed=0):
 @pytest.mark.parametrize("n, shape", [(1, (1, 1)), (2, (2, 19)), (9, (3, 5)), (9, (1,))])  # T = 1 twice
 @pytest.mark.parametrize("output_norm", [False, True])
 def test_fused_read_16bit_and_mixed_sources_against_float64_reference(mode, d, n, shape, output_norm):
-    check_16bit_read(lambda q, w, eps, s: cpu_kernel.CpuRead.apply(q, w, eps, *s), mode, n, (*shape, d),
+    check_16bit_read(lambda q, w, eps, s: cpu_kernel.CpuRead.apply(q, w, eps, None, *s), mode, n, (*shape, d),
                      output_norm, seed=d * 10 + n)
 
 
@@ -209,7 +209,7 @@ def test_fused_read_bf16_rounds_like_torch():
     gen = torch.Generator().manual_seed(4)
     v = torch.randn(3, 64, generator=gen).bfloat16()
     w = torch.randn(64, generator=gen) * 3  # y = v * rstd(v) * w, rounded once to bf16
-    o, _ = cpu_kernel.CpuRead.apply(torch.zeros(64), w, 1e-6, v)
+    o, _ = cpu_kernel.CpuRead.apply(torch.zeros(64), w, 1e-6, None, v)
     vf = v.float()
     want = (vf * torch.rsqrt(vf.pow(2).mean(-1, keepdim=True) + 1e-6) * w).bfloat16()
     assert (o.float() - want.float()).abs().max() <= (want.float().abs() * 2**-8).max()
@@ -294,10 +294,10 @@ def test_pool_reuses_freed_outputs_and_never_one_still_held(pool_limit):
     src = [torch.randn(256, 512, generator=gen) for _ in range(3)]  # outputs of 512 KiB
     q = torch.randn(512, generator=gen) / 20
     want = naive_attn_res(q.double(), [s.double() for s in src])
-    held = cpu_kernel.CpuRead.apply(q, None, 1e-6, *src)[0]
+    held = cpu_kernel.CpuRead.apply(q, None, 1e-6, None, *src)[0]
     before = cpu_kernel.pool_stats()
     for _ in range(3):
-        o = cpu_kernel.CpuRead.apply(q, None, 1e-6, *src)[0]
+        o = cpu_kernel.CpuRead.apply(q, None, 1e-6, None, *src)[0]
         assert o.data_ptr() != held.data_ptr()
         torch.testing.assert_close(o.double(), want, rtol=1e-5, atol=1e-5)
         del o
@@ -307,7 +307,7 @@ def test_pool_reuses_freed_outputs_and_never_one_still_held(pool_limit):
     assert 0 < after["cached_bytes"] <= 1 << 30
     pool_limit(0)
     assert cpu_kernel.pool_stats()["cached_bytes"] == 0
-    o = cpu_kernel.CpuRead.apply(q, None, 1e-6, *src)[0]
+    o = cpu_kernel.CpuRead.apply(q, None, 1e-6, None, *src)[0]
     del o
     assert cpu_kernel.pool_stats()["cached_bytes"] == 0
     for bad in (-1, 1.5, True, "1"):
@@ -322,7 +322,7 @@ def test_pooled_source_gradients_accumulate_correctly(pool_limit):
     src = [torch.randn(128, 600, dtype=F64, generator=gen, requires_grad=True) for _ in range(3)]
     qs = [torch.randn(600, dtype=F64, generator=gen) / 25 for _ in range(3)]
     grads = []
-    for fn in (lambda q, vs: cpu_kernel.CpuRead.apply(q, None, 1e-6, *vs)[0], naive_attn_res):
+    for fn in (lambda q, vs: cpu_kernel.CpuRead.apply(q, None, 1e-6, None, *vs)[0], naive_attn_res):
         for _ in range(2):  # the second pass runs on recycled buffers
             h = [fn(q, src[: i + 1]) for i, q in enumerate(qs)]
             grads.append(torch.autograd.grad(sum((x * x).sum() for x in h), src))

@@ -50,6 +50,44 @@ def test_opcheck_read_backward_and_stacked(need):
     torch.testing.assert_close(OPS.read_stacked(q, w, 1e-6, bank).double(), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("out", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("output_norm", [False, True])
+def test_read_and_merge_write_the_output_dtype_asked_for(out, output_norm):
+    """``dtype=``: the output rounded once from the fp32 result, bit for bit ``o.to(dtype)`` of the default read
+    (the eager pybind path and the op), the gradient read in that dtype giving bit for bit the gradients of the
+    same values upcast; the PyTorch read does the same; opcheck with the argument."""
+    from attnres.ops.attn_res import _AttnResRead
+
+    q, w, src = _inputs([torch.float32, torch.bfloat16, torch.bfloat16], (3, 17), output_norm, True)
+    o32, *_ = OPS.read_forward(q, w, 1e-6, src)
+    leaves = [q, *src] + ([w] if output_norm else [])
+    dy = torch.randn(3, 17).to(out)
+    want = torch.autograd.grad(o32, leaves, dy.float())
+    for o in (OPS.read_forward(q, w, 1e-6, src, out)[0], cpu_kernel.CpuRead.apply(q, w, 1e-6, out, *src)[0]):
+        assert o.dtype == out and torch.equal(o, o32.to(out))
+        for a, b in zip(torch.autograd.grad(o, leaves, dy), want, strict=True):
+            assert torch.equal(a, b)
+    o = _AttnResRead.apply(q, w, 1e-6, out, *src)[0]
+    assert o.dtype == out
+    torch.testing.assert_close(o.float(), o32.to(out).float(), rtol=2**-7, atol=1e-5)
+    torch.library.opcheck(OPS.read_forward.default, (q, w, 1e-6, src, out), test_utils=TESTS)
+    qs = torch.stack([q.detach(), torch.randn(17)])
+    s1, r1, o1, m1, l1 = OPS.phase1(qs, 1e-6, src[:2])
+    args = (q, w, 1e-6, s1[0], r1, o1[0], m1[0], l1[0], src)
+    merged = OPS.merge_forward(*args)[0]
+    assert torch.equal(OPS.merge_forward(*args, out)[0], merged.to(out))
+    assert torch.equal(cpu_kernel.CpuMerge.apply(q, w, 1e-6, out, *args[3:8], *src)[0], merged.to(out))
+    torch.library.opcheck(OPS.merge_forward.default, (*args, out), test_utils=TESTS)
+
+
+def test_read_output_dtype_errors():
+    q, w, src = _inputs([torch.float32, torch.bfloat16], (3, 17), True, False)
+    with pytest.raises(RuntimeError, match="output dtype Int is not allowed with a Float qp"):
+        OPS.read_forward(q, w, 1e-6, src, torch.int32)
+    with pytest.raises(RuntimeError, match="output dtype Double is not allowed with a Float qp"):
+        OPS.read_forward(q, w, 1e-6, src, F64)
+
+
 @pytest.mark.parametrize("gain", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("dtype", [None, torch.float32, torch.bfloat16, torch.float16])
 def test_read_stacked_takes_the_gain_and_writes_the_output_in_other_dtypes(gain, dtype):

@@ -47,10 +47,16 @@ def test_slots_refuse_a_read_without_the_names():
 
 def test_slots_of_the_custom_op_schema():
     slots = Slots.of_op(cpu_kernel.OPS.read_forward.default)
-    assert slots.names == ("qp", "w", "eps", "sources") and not slots.star
+    assert slots.names == ("qp", "w", "eps", "sources", "dtype") and not slots.star
 
-    class Ctx:
+    class Ctx:  # called without the defaulted dtype: one flag, and one gradient, per argument given
         needs_input_grad = (False, True, False, [True, False])
 
     assert slots.needs(Ctx) == Needs(False, True, (True, False))
-    assert slots.grads(None, "dw", ["a", None]) == (None, "dw", None, ["a", None])
+    assert slots.grads(None, "dw", ["a", None], 4) == (None, "dw", None, ["a", None])
+    Ctx.needs_input_grad = (False, True, False, [True, False], False)
+    assert slots.needs(Ctx) == Needs(False, True, (True, False))
+    assert slots.grads(None, "dw", ["a", None]) == (None, "dw", None, ["a", None], None)
+    Ctx.needs_input_grad = (False, True, False)
+    with pytest.raises(TypeError, match="needs_input_grad has 3 entries, the op 5 arguments"):
+        slots.needs(Ctx)

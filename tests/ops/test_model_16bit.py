@@ -20,10 +20,10 @@ def _counting(monkeypatch):
     calls = {"forward": 0, "backward": 0, "dtypes": set()}
     fwd, bwd = cpu_kernel.CpuRead.apply, cpu_kernel.backward
 
-    def apply(qp, w, eps, *sources):
+    def apply(qp, w, eps, dtype, *sources):
         calls["forward"] += 1
         calls["dtypes"].add(tuple(s.dtype for s in sources))
-        return fwd(qp, w, eps, *sources)
+        return fwd(qp, w, eps, dtype, *sources)
 
     def backward(*a, **k):
         calls["backward"] += 1
@@ -74,3 +74,39 @@ def test_bf16_model_prefill_and_decode_fused_equals_pytorch_read(residual, monke
     assert calls["forward"] > 0 and {torch.bfloat16} <= {d for ds in calls["dtypes"] for d in ds}
     for a, b in zip(*outs, strict=True):
         torch.testing.assert_close(a, b, **TOL)
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+@pytest.mark.parametrize("residual", ["full", "block"])
+def test_autocast_sublayer_inputs_in_the_autocast_dtype(residual, kernel, monkeypatch):
+    """Under autocast a fused read writes the sublayer's input in bf16, which its matmuls would cast it to: the
+    same forward bit for bit as writing fp32 and casting, gradients within bf16 rounding (the gradients of the
+    sublayer's matmuls now add up in bf16), and ``last_hidden_state`` still in fp32."""
+    from attnres.residual import block
+
+    monkeypatch.setattr(cpu_kernel, "_enabled", kernel)
+    m = AttnResForCausalLM(tiny(residual, num_hidden_layers=3))
+    randomize_attnres(m)
+    x = ids(2, 40)  # 80 tokens: Block runs two-phase (merged reads)
+    seen = []
+    hooks = [mod.register_forward_pre_hook(lambda _m, a: seen.append(a[0].dtype))
+             for layer in m.model.layers for mod in (layer.self_attn, layer.mlp)]
+    results = []
+    for autocast_dtype in (True, False):
+        if not autocast_dtype:
+            monkeypatch.setattr(block, "sublayer_dtype", lambda x, ct: None)
+        m.zero_grad()
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(x, labels=x)
+            hidden = m.model(x).last_hidden_state
+        out.loss.backward()
+        assert hidden.dtype == torch.float32
+        assert seen == [torch.bfloat16 if autocast_dtype else torch.float32] * 12  # two forwards, 6 sublayers
+        results.append((out.logits.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+    for h in hooks:
+        h.remove()
+    (l1, g1), (l2, g2) = results
+    assert torch.equal(l1, l2)
+    for n, g in g1.items():
+        torch.testing.assert_close(g, g2[n], rtol=5e-2, atol=5e-3, msg=n)

@@ -236,3 +236,24 @@ def test_op_kernels_equal_the_cpu_ops_float64(monkeypatch, with_w, d):
     want = ops.merge_forward(qs[1], w, EPS, *stats, src)
     for name, a, b in zip("osrp", got, want, strict=False):
         _close(a, b, f"merge {name}")
+
+
+@pytest.mark.parametrize("out", [BF16, F16])
+def test_triton_read_and_merge_write_the_output_dtype_asked_for(out):
+    """``dtype=``: the Triton read and merge round their output once into it, as ``o.to(dtype)`` of the default
+    output (within one step of the format: Triton's interpreter truncates where torch rounds to nearest), and read
+    a gradient in it, giving the gradients of the same values upcast."""
+    src, qp, w = _inputs(3, (2, 5, 40), [F32, BF16], True)
+    src, qp, w = _leaves(src, qp, w)
+    o32 = tr.triton_read(qp, w, EPS, src)[0]
+    o = tr.triton_read(qp, w, EPS, src, out)[0]
+    assert o.dtype == out
+    _close(o, o32.to(out), "read")
+    dy = torch.randn(o.shape, generator=torch.Generator().manual_seed(2)).to(DEV, out)
+    leaves = [qp, w, *src]
+    for a, b in zip(torch.autograd.grad(o, leaves, dy), torch.autograd.grad(o32, leaves, dy.float()), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    inter = tr.triton_phase1(torch.stack([qp.detach(), qp.detach() * 0.5]), EPS, src[:2])
+    stats = (inter[0][0], inter[1], inter[2][0], inter[3][0], inter[4][0])
+    merged = tr.triton_merge(qp, w, EPS, stats, src)[0]
+    _close(tr.triton_merge(qp, w, EPS, stats, src, out)[0], merged.to(out), "merge")

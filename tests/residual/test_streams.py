@@ -51,7 +51,7 @@ def walk(scheme, num_sublayers, monkeypatch):
     """
     seen = []
 
-    def spy(qp, w, eps, residuals):
+    def spy(qp, w, eps, residuals, dtype=None):
         seen.append([tuple(torch.nonzero(r).flatten().tolist()) for r in residuals])
         return torch.stack(list(residuals)).mean(0), None
 

@@ -6,7 +6,9 @@
 // Math in T = float (double when every source is double). Each source keeps its own dtype (float,
 // bfloat16 or half with T = float), converted to T as it is loaded, so mixed sources (an fp32
 // embedding next to bf16 sublayer outputs under autocast) are read in place, never copied. The output
-// has the sources' promoted dtype, each source gradient its source's dtype; statistics are in T.
+// has the sources' promoted dtype unless a ``dtype`` is asked for (a bf16 autocast step: the next sublayer's
+// matmul input, rounded once here instead of written in fp32 and cast), each source gradient its source's dtype;
+// the output's gradient dy is read in its own dtype; statistics are in T.
 //
 // Two bindings of the same functions: pybind (the eager autograd.Function calls these directly) and
 // the CPU kernels of the torch.library ops attnres::read_forward / read_backward / read_stacked, whose
@@ -592,6 +594,16 @@ void dispatch(at::ScalarType ct, at::ScalarType out, F&& f) {
   }
 }
 
+// The output dtype: ``dtype`` if given (float32/bfloat16/float16 with a float32 qp, float64 with float64), else
+// the sources' promoted dtype.
+at::ScalarType promoted(at::TensorList sources);
+at::ScalarType out_dtype(at::ScalarType ct, at::TensorList sources, std::optional<at::ScalarType> dtype) {
+  const at::ScalarType ot = dtype.value_or(promoted(sources));
+  TORCH_CHECK(ct == at::kDouble ? ot == at::kDouble : kind_of<float>(ot) >= 0, "attnres read: output dtype ", ot,
+              " is not allowed with a ", ct, " qp (float32/bfloat16/float16 with float32, float64 with float64)");
+  return ot;
+}
+
 at::ScalarType promoted(at::TensorList sources) {
   at::ScalarType out = sources[0].scalar_type();
   for (const auto& v : sources) out = c10::promoteTypes(out, v.scalar_type());
@@ -616,12 +628,14 @@ void check(const Tensor& qp, const std::optional<Tensor>& w, at::TensorList sour
   }
 }
 
-// Returns (o, s, r, p, rh); o in the sources' promoted dtype, the rest in qp's; rh is empty without w.
+// Returns (o, s, r, p, rh); o in ``dtype`` (default the sources' promoted dtype), the rest in qp's; rh is empty
+// without w.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> read_forward(const Tensor& qp, const std::optional<Tensor>& w,
-                                                                double eps, at::TensorList sources) {
+                                                                double eps, at::TensorList sources,
+                                                                std::optional<at::ScalarType> dtype) {
   check(qp, w, sources);
   const int64_t d = qp.size(0), n = sources[0].numel() / d, L = sources.size();
-  const at::ScalarType ot = promoted(sources);
+  const at::ScalarType ot = out_dtype(qp.scalar_type(), sources, dtype);
   auto out = pooled_empty(sources[0].sizes(), sources[0].options().dtype(ot));
   auto opts = qp.options();
   auto s = at::empty({L, n}, opts), r = at::empty({L, n}, opts), p = at::empty({L, n}, opts);
@@ -656,12 +670,10 @@ Sources<T> rows(const Tensor& bank) {
 // (default the bank's), so a bf16 model reading an fp32 bank pays no cast either side.
 Tensor read_stacked(const Tensor& qp, const std::optional<Tensor>& w_in, double eps, const Tensor& bank,
                     std::optional<at::ScalarType> dtype) {
-  const at::ScalarType ct = qp.scalar_type(), ot = dtype.value_or(bank.scalar_type());
-  const bool f64 = ct == at::kDouble;
+  const at::ScalarType ct = qp.scalar_type();
   TORCH_CHECK(bank.dim() >= 2 && bank.is_contiguous() && bank.size(0) >= 1 && bank.device().is_cpu(),
               "attnres read: bank must be a contiguous CPU [L, ..., D] with L >= 1, got ", bank.sizes());
-  TORCH_CHECK(f64 ? ot == at::kDouble : kind_of<float>(ot) >= 0, "attnres read: output dtype ", ot,
-              " is not allowed with a ", ct, " qp (float32/bfloat16/float16 with float32, float64 with float64)");
+  const at::ScalarType ot = out_dtype(ct, bank, dtype);
   std::optional<Tensor> w;
   if (w_in) {
     TORCH_CHECK(w_in->is_floating_point(), "attnres read: w must be floating point, got ", w_in->scalar_type());
@@ -702,10 +714,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> phase1(const Tensor& qs, doub
 // blocks of s1, then the partial sum if there is one).
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> merge_forward(
     const Tensor& qp, const std::optional<Tensor>& w, double eps, const Tensor& s1_in, const Tensor& r1_in,
-    const Tensor& o1_in, const Tensor& m1_in, const Tensor& l1_in, at::TensorList sources) {
+    const Tensor& o1_in, const Tensor& m1_in, const Tensor& l1_in, at::TensorList sources,
+    std::optional<at::ScalarType> dtype) {
   check(qp, w, sources);
   const int64_t d = qp.size(0), N = sources[0].numel() / d, L = sources.size(), nb = s1_in.size(0);
-  const at::ScalarType ot = promoted(sources), ct = qp.scalar_type();
+  const at::ScalarType ct = qp.scalar_type(), ot = out_dtype(ct, sources, dtype);
   TORCH_CHECK(s1_in.dim() == 2 && (L == nb || L == nb + 1), "attnres merge: ", L,
               " sources for the phase-1 statistics of ", nb, " blocks");
   const Tensor s1 = s1_in.to(ct).contiguous(), r1 = r1_in.to(ct).contiguous(), o1 = o1_in.to(ct).contiguous();
@@ -737,7 +750,10 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> read_backward(
   check(qp, w, sources);
   const int64_t d = qp.size(0), n = sources[0].numel() / d, L = sources.size();
   TORCH_CHECK(static_cast<int64_t>(need_dv.size()) == L, "attnres read: need_dv must have one flag per source");
-  const at::ScalarType ot = promoted(sources), ct = qp.scalar_type();
+  const at::ScalarType ct = qp.scalar_type();
+  // dy in its own dtype where the kernel reads it (the output's, whichever was asked for), else the promoted one.
+  const bool dy_ok = ct == at::kDouble ? dy_in.scalar_type() == at::kDouble : kind_of<float>(dy_in.scalar_type()) >= 0;
+  const at::ScalarType ot = dy_ok ? dy_in.scalar_type() : promoted(sources);
   // A compiled graph may hand over the saved statistics in another layout: make them [L, N] / [N] in T.
   const Tensor dy = dy_in.to(ot).contiguous();
   const Tensor s = s_in.to(ct).contiguous(), r = r_in.to(ct).contiguous(), p = p_in.to(ct).contiguous();
@@ -786,9 +802,8 @@ TORCH_LIBRARY_IMPL(attnres, CPU, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("read_forward",
-        [](const Tensor& qp, const std::optional<Tensor>& w, double eps, const std::vector<Tensor>& sources) {
-          return read_forward(qp, w, eps, sources);
-        },
+        [](const Tensor& qp, const std::optional<Tensor>& w, double eps, const std::vector<Tensor>& sources,
+           std::optional<at::ScalarType> dtype) { return read_forward(qp, w, eps, sources, dtype); },
         "AttnRes read forward (CPU): (o, s, r, p, rh)");
   m.def("read_forward_stacked", &read_stacked, "AttnRes read forward over a stacked bank (CPU): o in dtype");
   m.def("read_backward",
@@ -805,9 +820,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Two-phase Block AttnRes, phase 1 (CPU): (s, r, o, m, l)");
   m.def("merge_forward",
         [](const Tensor& qp, const std::optional<Tensor>& w, double eps, const Tensor& s1, const Tensor& r1,
-           const Tensor& o1, const Tensor& m1, const Tensor& l1, const std::vector<Tensor>& sources) {
-          return merge_forward(qp, w, eps, s1, r1, o1, m1, l1, sources);
-        },
+           const Tensor& o1, const Tensor& m1, const Tensor& l1, const std::vector<Tensor>& sources,
+           std::optional<at::ScalarType> dtype) { return merge_forward(qp, w, eps, s1, r1, o1, m1, l1, sources, dtype); },
         "Two-phase Block AttnRes, the merged read forward (CPU): (o, s, r, p, rh)");
   m.def("parallel_width",
         [](int64_t n) {
