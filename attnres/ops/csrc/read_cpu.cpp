@@ -143,11 +143,19 @@ inline void store(O* p, vec<T> v) {
   }
 }
 
+// Pairwise: log2(W) dependent vector adds instead of W dependent scalar adds.
 template <typename T>
 inline T hsum(vec<T> v) {
-  T out = 0;
-  for (int64_t j = 0; j < W<T>; ++j) out += v[j];
-  return out;
+  if constexpr (W<T> == 16) {
+    v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3);
+    v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1);
+    return v[0] + v[1];
+  } else {
+    v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
+    v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 2, 3, 0, 1);
+    return v[0] + v[1];
+  }
 }
 
 // The sources: a pointer and a storage kind each (0: T, 1: bfloat16, 2: half), and the indices of
