@@ -289,6 +289,17 @@ inline void put_row(O* y, const T* x, T scale, const T* w, int64_t d) {
   for (int64_t k = full; k < d; ++k) y[k] = down<O>(w ? x[k] * scale * w[k] : x[k] * scale);
 }
 
+// Per source of one token: the key rstd r = 1 / sqrt(ss / d + e) (over ss) and the logit s = sq * r (over sq),
+// vectorised over the sources (the same IEEE operations as one at a time, so the same values).
+template <typename T>
+inline void key_stats(T* __restrict ss, T* __restrict sq, int64_t L, int64_t d, T e) {
+#pragma omp simd
+  for (int64_t i = 0; i < L; ++i) {
+    ss[i] = T(1) / std::sqrt(ss[i] / d + e);
+    sq[i] *= ss[i];
+  }
+}
+
 template <typename T, typename O>
 void forward_impl(const T* q, const T* w, double eps, const Sources<T>& v, int64_t n, int64_t d, O* out, T* s,
                   T* r, T* p, T* rh) {
@@ -296,18 +307,20 @@ void forward_impl(const T* q, const T* w, double eps, const Sources<T>& v, int64
   const T e = static_cast<T>(eps);
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     constexpr bool same = std::is_same_v<O, T>;
-    std::vector<T> h(w || !same ? d : 0);
+    std::vector<T> h(w || !same ? d : 0), ss(L), sq(L);
     for (int64_t t = begin; t < end; ++t) {
-      T m = -INFINITY;
       for (int64_t i = 0; i < L; ++i) {
         visit<T>(v.kind[i], [&](auto tag) {
           using S = ATTNRES_STORAGE(tag);
-          const auto [ss, sq] = dots<T>(static_cast<const S*>(v.ptr[i]) + t * d, q, d, true, t + 1 < end);
-          const T ri = T(1) / std::sqrt(ss / d + e);
-          r[i * n + t] = ri;
-          s[i * n + t] = sq * ri;
-          m = std::max(m, sq * ri);
+          std::tie(ss[i], sq[i]) = dots<T>(static_cast<const S*>(v.ptr[i]) + t * d, q, d, true, t + 1 < end);
         });
+      }
+      key_stats<T>(ss.data(), sq.data(), L, d, e);  // ss -> r, sq -> s, all sources at once
+      T m = -INFINITY;
+      for (int64_t i = 0; i < L; ++i) {
+        r[i * n + t] = ss[i];
+        s[i * n + t] = sq[i];
+        m = std::max(m, sq[i]);
       }
       T z = 0;
       for (int64_t i = 0; i < L; ++i) z += (p[i * n + t] = std::exp(s[i * n + t] - m));
