@@ -104,7 +104,7 @@ inline vec<T> load(const S* p) {
 
 // fp32 -> bf16 in one instruction (vcvtneps2bf16, round to nearest even) where the CPU has it. It flushes
 // subnormal inputs to zero, where Tensor.to(torch.bfloat16) rounds them: a vector holding one takes the
-// exact path below (measured: the bf16 backward 0.87-0.88 of the time with the exact path alone). A NaN stays a
+// exact path below (measured: the bf16 backward 0.87-0.89 of the time with the exact path alone). A NaN stays a
 // NaN (the instruction keeps its sign and payload, the exact path writes 0x7fc0).
 inline bool bf16_instruction(const vec<float>& v, bf16* p) {
 #if defined(__AVX512BF16__)
@@ -615,20 +615,24 @@ void dispatch(at::ScalarType ct, at::ScalarType out, F&& f) {
   }
 }
 
-// The output dtype: ``dtype`` if given (float32/bfloat16/float16 with a float32 qp, float64 with float64), else
-// the sources' promoted dtype.
-at::ScalarType promoted(at::TensorList sources);
-at::ScalarType out_dtype(at::ScalarType ct, at::TensorList sources, std::optional<at::ScalarType> dtype) {
-  const at::ScalarType ot = dtype.value_or(promoted(sources));
-  TORCH_CHECK(ct == at::kDouble ? ot == at::kDouble : kind_of<float>(ot) >= 0, "attnres read: output dtype ", ot,
-              " is not allowed with a ", ct, " qp (float32/bfloat16/float16 with float32, float64 with float64)");
-  return ot;
-}
-
 at::ScalarType promoted(at::TensorList sources) {
   at::ScalarType out = sources[0].scalar_type();
   for (const auto& v : sources) out = c10::promoteTypes(out, v.scalar_type());
   return out;
+}
+
+// Whether the kernels with compute type ct read and write st (float32/bfloat16/float16 with float32, float64
+// with float64): the output and its gradient dy.
+bool io_dtype(at::ScalarType ct, at::ScalarType st) {
+  return ct == at::kDouble ? st == at::kDouble : kind_of<float>(st) >= 0;
+}
+
+// The output dtype: ``dtype`` if given, else the sources' promoted dtype.
+at::ScalarType out_dtype(at::ScalarType ct, at::TensorList sources, std::optional<at::ScalarType> dtype) {
+  const at::ScalarType ot = dtype.value_or(promoted(sources));
+  TORCH_CHECK(io_dtype(ct, ot), "attnres read: output dtype ", ot, " is not allowed with a ", ct,
+              " qp (float32/bfloat16/float16 with float32, float64 with float64)");
+  return ot;
 }
 
 void check(const Tensor& qp, const std::optional<Tensor>& w, at::TensorList sources) {
@@ -773,8 +777,7 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> read_backward(
   TORCH_CHECK(static_cast<int64_t>(need_dv.size()) == L, "attnres read: need_dv must have one flag per source");
   const at::ScalarType ct = qp.scalar_type();
   // dy in its own dtype where the kernel reads it (the output's, whichever was asked for), else the promoted one.
-  const bool dy_ok = ct == at::kDouble ? dy_in.scalar_type() == at::kDouble : kind_of<float>(dy_in.scalar_type()) >= 0;
-  const at::ScalarType ot = dy_ok ? dy_in.scalar_type() : promoted(sources);
+  const at::ScalarType ot = io_dtype(ct, dy_in.scalar_type()) ? dy_in.scalar_type() : promoted(sources);
   // A compiled graph may hand over the saved statistics in another layout: make them [L, N] / [N] in T.
   const Tensor dy = dy_in.to(ot).contiguous();
   const Tensor s = s_in.to(ct).contiguous(), r = r_in.to(ct).contiguous(), p = p_in.to(ct).contiguous();
