@@ -6,6 +6,7 @@ nothing. One slow test upcycles the real SmolLM2-135M when its GGUF is already i
 """
 
 import json
+import os
 
 import pytest
 import torch
@@ -244,8 +245,9 @@ def _smollm2_cached() -> bool:
     return target.is_file() and isinstance(meta, dict) and meta.get("sha256") == SMOLLM2_GGUF_SHA256
 
 
-@pytest.mark.skipif(not _smollm2_cached(), reason="SmolLM2-135M GGUF not in the user cache (attnres upcycle "
-                    "smollm2-135m fetches it)")
+# CI fetches the GGUF (.ci/run) and must not skip this test; offline elsewhere it skips when the file is not cached
+@pytest.mark.skipif(not _smollm2_cached() and not os.environ.get("CI"),
+                    reason="SmolLM2-135M GGUF not in the user cache (attnres upcycle smollm2-135m fetches it)")
 def test_smollm2_standard_matches_transformers():
     """The real 135M model (GGUF, Q4_1 dequantised): standard-mode logits vs transformers' on real text."""
     pytest.importorskip("gguf")
