@@ -100,6 +100,7 @@ def resolve(args) -> dict:
         modes = [m for m in modes if m != "compiled"]
         if not modes:
             raise SystemExit("--compile-mode none leaves no mode: --modes must then include eager")
+    args._inductor_options = _inductor_options(args, modes)
     arms = {k: v for k, v in CORE_ARMS.items() if not (args.no_two_phase_arm and k == "block-no-two-phase")}
     for text in args.arms:
         if text in arms:
@@ -139,10 +140,45 @@ def check(args) -> None:
     resolve(args)
 
 
+def _inductor_options(args, modes: list[str]) -> dict:
+    """``--inductor-option KEY=VALUE`` as torch.compile's ``options`` (values as Python literals), checked
+    against ``torch._inductor.config``: a key it lacks or a value of another type is a one-line error."""
+    if not args.inductor_option:
+        return {}
+    if "compiled" not in modes or args.compile_backend != "inductor" or args.compile_mode != "default":
+        raise SystemExit("--inductor-option needs the compiled mode with --compile-backend inductor and "
+                         "--compile-mode default (torch.compile takes options or a mode, not both)")
+    import ast
+    import functools
+
+    import torch._inductor.config as inductor_config
+
+    options = {}
+    for text in args.inductor_option:
+        key, eq, raw = text.partition("=")
+        if not eq or not key:
+            raise SystemExit(f"--inductor-option {text!r}: expected KEY=VALUE, e.g. reorder_for_peak_memory=False")
+        if key not in inductor_config._config:
+            raise SystemExit(f"--inductor-option {text!r}: {key!r} is not an option of torch._inductor.config "
+                             "(e.g. reorder_for_peak_memory)")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        current = functools.reduce(getattr, key.split("."), inductor_config)
+        if current is not None and type(value) is not type(current):
+            raise SystemExit(f"--inductor-option {text!r}: {key} takes a {type(current).__name__} "
+                             f"(now {current!r}), got {raw!r}")
+        options[key] = value
+    return options
+
+
 def _compile(model, args):
     kw = {"backend": args.compile_backend}
     if args.compile_mode not in ("default", "none"):
         kw["mode"] = args.compile_mode
+    if getattr(args, "_inductor_options", None):
+        kw["options"] = dict(args._inductor_options)
     return torch.compile(model, **kw)
 
 
@@ -285,6 +321,7 @@ def run(args, device: torch.device) -> dict:
                        "fp32 weights and math") for d in plan["dtypes"]},
         "modes": plan["modes"],
         "compile": {"backend": args.compile_backend, "mode": args.compile_mode}
+        | ({"inductor_options": args._inductor_options} if args._inductor_options else {})
         if "compiled" in plan["modes"] else None,
         "optimizer": "AdamW(lr=1e-4, weight_decay=0.1), zero_grad(set_to_none=True)",
         "num_blocks": args.blocks,
@@ -310,7 +347,8 @@ def to_markdown(res: dict) -> str:
         "'ci' a distribution-free 95 % interval of that median (from 6 rounds); 'unresolved': the target lies in "
         "it. "
         f"bf16 = fp32 weights under torch.autocast(bfloat16). Compiled = torch.compile(model)"
-        + (f" (backend {comp['backend']}, mode {comp['mode']})" if comp else "")
+        + (f" (backend {comp['backend']}, mode {comp['mode']}"
+           + "".join(f", {k}={v!r}" for k, v in comp.get("inductor_options", {}).items()) + ")" if comp else "")
         + f". Block: N = {res['num_blocks']} blocks; 'block-no-two-phase' = Block with attn_res_two_phase=False; "
         "'*-traced' = compiled with the read traced for inductor instead of the fused kernel's ops. "
         f"Targets: block ≤ {TARGETS['block']}, full ≤ {TARGETS['full']}."
@@ -403,6 +441,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend (default inductor; aot_eager for a fast smoke test)")
+    g.add_argument("--inductor-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of torch._inductor.config for every compiled arm, passed as "
+                        "torch.compile(model, options={KEY: VALUE}) (VALUE a Python literal; repeatable), e.g. "
+                        "reorder_for_peak_memory=False; needs --compile-backend inductor and --compile-mode default")
     g.add_argument(
         "--arms", nargs="*", default=[], metavar="ARM",
         help="more arms beside standard/full/block/block-no-two-phase, as attnres ablate takes them: a scheme or "

@@ -191,6 +191,13 @@ def _main():
         (["step", "--arms", "nope"], ["unknown scheme 'nope'", "standard"]),
         (["step", "--warmup", "-1"], ["--warmup must be >= 0"]),
         (["step", "--traced-arm", "--modes", "eager"], ["--traced-arm needs the compiled mode"]),
+        (["step", "--inductor-option", "no_such_knob=1"], ["'no_such_knob' is not an option", "torch._inductor"]),
+        (["step", "--inductor-option", "reorder_for_peak_memory"], ["expected KEY=VALUE"]),
+        (["step", "--inductor-option", "reorder_for_peak_memory=0"], ["takes a bool", "'0'"]),
+        (["step", "--inductor-option", "reorder_for_peak_memory=False", "--modes", "eager"],
+         ["needs the compiled mode"]),
+        (["step", "--inductor-option", "reorder_for_peak_memory=False", "--compile-mode", "max-autotune"],
+         ["options or a mode"]),
         (["decode", "--decode-dtypes", "fp8"], ["'fp8'", "fp32, bf16"]),
         (["decode", "--decode-shapes", "768x12x512"], ["HIDDENxLAYERS"]),
         (["decode", "--decode-batches", "0"], ["positive"]),
@@ -234,3 +241,26 @@ def test_median_interval_is_the_binomial_order_statistic_interval():
     assert verdict(1.04, 1.05, (1.01, 1.045)) == "met"
     assert verdict(1.06, 1.05, (1.055, 1.08)) == "missed"
     assert verdict(1.06, 1.05, (math.nan, math.nan)) == "missed"
+
+
+def test_inductor_options_reach_torch_compile(monkeypatch):
+    """--inductor-option: parsed as literals (nested keys too), handed to torch.compile(options=...) for every
+    compiled arm, and named in the run's compile record."""
+    _main()
+    from benchmarks import step
+    from benchmarks.__main__ import build_parser
+
+    args = build_parser().parse_args(["step", "--modes", "compiled", "--inductor-option",
+                                      "reorder_for_peak_memory=False", "--inductor-option",
+                                      "cpp.max_horizontal_fusion_size=4"])
+    step.resolve(args)
+    assert args._inductor_options == {"reorder_for_peak_memory": False, "cpp.max_horizontal_fusion_size": 4}
+    seen = {}
+    monkeypatch.setattr(step.torch, "compile", lambda model, **kw: seen.update(kw) or model)
+    step._compile("model", args)
+    assert seen == {"backend": "inductor", "options": args._inductor_options}
+    plain = build_parser().parse_args(["step", "--modes", "compiled"])
+    step.resolve(plain)
+    seen.clear()
+    step._compile("model", plain)
+    assert seen == {"backend": "inductor"}
