@@ -177,7 +177,7 @@ def _compile(model, args):
     kw = {"backend": args.compile_backend}
     if args.compile_mode not in ("default", "none"):
         kw["mode"] = args.compile_mode
-    if getattr(args, "_inductor_options", None):
+    if args._inductor_options:
         kw["options"] = dict(args._inductor_options)
     return torch.compile(model, **kw)
 

@@ -244,8 +244,8 @@ def test_median_interval_is_the_binomial_order_statistic_interval():
 
 
 def test_inductor_options_reach_torch_compile(monkeypatch):
-    """--inductor-option: parsed as literals (nested keys too), handed to torch.compile(options=...) for every
-    compiled arm, and named in the run's compile record."""
+    """--inductor-option: parsed as literals (nested keys too) and handed to torch.compile(options=...); without
+    it torch.compile gets no options."""
     _main()
     from benchmarks import step
     from benchmarks.__main__ import build_parser
