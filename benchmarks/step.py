@@ -45,6 +45,10 @@ CORE_ARMS = {
 # --traced-arm: the same models, compiled with the read traced for inductor (cpu_kernel.set_compiled(False))
 # instead of calling the fused kernel's attnres:: ops; compiled mode only.
 TRACED_ARMS = {"full-traced": ("full", {}), "block-traced": ("block", {})}
+# --uncarried-arm: the same models with autograd summing each source's per-read gradient terms
+# (cpu_kernel.set_carry(False)) instead of the reads carrying them into one buffer per source; every mode.
+UNCARRIED_ARMS = {"full-uncarried": ("full", {}), "block-uncarried": ("block", {})}
+VARIANT_OF = {**{k: v[0] for k, v in TRACED_ARMS.items()}, **{k: v[0] for k, v in UNCARRIED_ARMS.items()}}
 # --aa-arm: a second standard model, built the same way: its ratio to standard is the noise floor of a run
 AA_ARM = {"standard-aa": ("standard", {})}
 TARGETS = {"block": 1.05, "full": 1.10}
@@ -116,6 +120,8 @@ def resolve(args) -> dict:
         if "compiled" not in modes:
             raise SystemExit("--traced-arm needs the compiled mode (--modes compiled or eager,compiled)")
         arms |= TRACED_ARMS
+    if args.uncarried_arm:
+        arms |= UNCARRIED_ARMS
     import inspect
 
     from attnres import AttnResConfig
@@ -182,16 +188,14 @@ def _compile(model, args):
     return torch.compile(model, **kw)
 
 
-def _traced(step):
-    """``step`` with torch.compile tracing the PyTorch read (the flag is guarded: this arm has its own graphs)."""
-    from attnres.ops import cpu_kernel
-
+def _flagged(step, setter):
+    """``step`` run with ``setter(False)`` (a guarded flag: a compiled arm gets graphs of its own), then True."""
     def run():
-        cpu_kernel.set_compiled(False)
+        setter(False)
         try:
             return step()
         finally:
-            cpu_kernel.set_compiled(True)
+            setter(True)
 
     return run
 
@@ -199,6 +203,8 @@ def _traced(step):
 def _run_shape(args, device, shape: dict, plan: dict) -> dict:
     import torch._dynamo as dynamo
     from torch._dynamo.utils import counters
+
+    from attnres.ops import cpu_kernel
 
     label = shape_label(shape)
     batch, seq = shape["batch"], shape["seq"]
@@ -217,8 +223,10 @@ def _run_shape(args, device, shape: dict, plan: dict) -> dict:
             for dtype in plan["dtypes"]:
                 key = f"{name}/{dtype}/{mode}"
                 step = _make_step(m, opt, ids, dtype, device)
-                if name in TRACED_ARMS:
-                    step = _traced(step)
+                if name in TRACED_ARMS:  # torch.compile traces the PyTorch read
+                    step = _flagged(step, cpu_kernel.set_compiled)
+                elif name in UNCARRIED_ARMS:
+                    step = _flagged(step, cpu_kernel.set_carry)
                 print(f"[step] {label} {key}: first two steps", flush=True)
                 before = counters["stats"]["unique_graphs"]
                 sync(device)
@@ -333,7 +341,7 @@ def run(args, device: torch.device) -> dict:
 
 
 def _verdict(name: str, row: dict) -> str:
-    target = TARGETS.get(TRACED_ARMS[name][0] if name in TRACED_ARMS else name)  # a traced arm: its scheme's
+    target = TARGETS.get(VARIANT_OF.get(name, name))  # a traced or uncarried arm: its scheme's
     return verdict(row["time_vs_standard"], target, row.get("time_vs_standard_ci95") or (math.nan, math.nan))
 
 
@@ -433,6 +441,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="add full-traced and block-traced arms (compiled only): on CPU the read traced for inductor "
                         "(cpu_kernel.set_compiled(False)) instead of the fused kernel's attnres:: ops (on CUDA "
                         "the reads trace by default, so these equal full and block there)")
+    g.add_argument("--uncarried-arm", action="store_true",
+                   help="add full-uncarried and block-uncarried arms: autograd sums each source's gradient terms "
+                        "(cpu_kernel.set_carry(False)) instead of the fused reads carrying them into one buffer")
     g.add_argument(
         "--compile-mode",
         default="default",

@@ -137,6 +137,26 @@ def test_step_times_every_arm_dtype_mode_and_shape(step_matrix):
     assert (out / "step.partial.json").exists()  # written after each shape
 
 
+def test_step_uncarried_arm_runs_the_same_models_uncarried(tmp_path):
+    """--uncarried-arm: full-uncarried and block-uncarried in every mode, compiled into graphs of their own (the
+    carry flag is guarded), the same function as full and block (the same first loss)."""
+    cmd = [sys.executable, "-m", "benchmarks", "step", "--shapes", "64x2x64x1", "--dtypes", "fp32", "--modes",
+           "eager,compiled", "--compile-backend", "aot_eager", "--uncarried-arm", "--no-two-phase-arm",
+           "--repeats", "1", "--warmup", "0", "--device", "cpu", "--threads", "1", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    sec = json.loads((tmp_path / "step.json").read_text())["sections"]["step"]
+    rows = {(r["residual"], r["mode"]): r for r in sec["rows"]}
+    assert set(rows) == {(a, m) for a in ("standard", "full", "block", "full-uncarried", "block-uncarried")
+                         for m in ("eager", "compiled")}
+    assert rows["full-uncarried", "compiled"]["graphs_compiled_in_first_steps"] > 0
+    assert sec["shapes"][0]["graphs_compiled_while_timing"] == 0
+    for arm in ("full", "block"):
+        for mode in ("eager", "compiled"):
+            assert rows[f"{arm}-uncarried", mode]["first_loss"] == pytest.approx(rows[arm, mode]["first_loss"],
+                                                                                 rel=1e-6)
+
+
 def test_step_traced_arm_compiles_its_own_graphs(tmp_path):
     """--traced-arm: full-traced and block-traced in compiled mode only, with graphs of their own (the flag
     is guarded), none compiled while timing; --aa-arm: a second, identical standard model in every mode."""

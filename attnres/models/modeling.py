@@ -33,7 +33,7 @@ from transformers.utils import logging
 
 from ..ops import cpu_kernel
 from ..ops._checks import compute_dtype
-from ..residual import Mode, Pass, ResidualParams, RMSNorm, ScoreBias, State, build_scheme
+from ..residual import Chain, Mode, Pass, ResidualParams, RMSNorm, ScoreBias, State, build_scheme
 from .configuration import AttnResConfig
 from .legacy import convert_legacy_state_dict, legacy_pretrained_state_dict
 from .rope import inv_freq as rope_inv_freq
@@ -320,7 +320,8 @@ class AttnResModel(AttnResPreTrainedModel):
         rope = self._rope(position_ids, inputs_embeds.dtype)
         mask, causal = _attention_mask(attention_mask, t, past, kv_len, inputs_embeds.device)
         attentions = [] if self._flag(output_attentions, "output_attentions") else None
-        ctx = Pass(self.stream_mode(inputs_embeds), self._records)
+        mode = self.stream_mode(inputs_embeds)
+        ctx = Pass(mode, self._records, Chain() if self._carries(mode) else None)
 
         with self._layer_inputs(self._flag(output_hidden_states, "output_hidden_states")) as inputs:
             state = self.residual.start(inputs_embeds, ctx)
@@ -358,6 +359,13 @@ class AttnResModel(AttnResPreTrainedModel):
             yield self._records
         finally:
             self._records = outer
+
+    def _carries(self, mode: Mode) -> bool:
+        """Whether this forward's reads carry their sources' gradients (``attnres.ops.grads``): a forward with
+        autograd, not recorded, and not under activation checkpointing (a recomputed layer would see the
+        carriers of the whole pass)."""
+        return (cpu_kernel.carry_enabled() and mode is not Mode.BANK and torch.is_grad_enabled()
+                and self._records is None and not self._checkpointing())
 
     def _checkpointing(self) -> bool:
         """Whether this forward recomputes layers in backward (then the KV cache is off, as in HF)."""

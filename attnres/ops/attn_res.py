@@ -163,14 +163,20 @@ def attn_res(
 
 
 def read(qp: Tensor, w: Tensor | None, eps: float, sources: Sequence[Tensor],
-         dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+         dtype: torch.dtype | None = None, carry: Sequence[Tensor] | None = None) -> tuple:
     """The read with folded query ``qp`` (compute dtype), unchecked, by the implementation
-    :func:`attnres.ops.dispatch.read_impl` picks; ``o`` in ``dtype`` (default the sources' promoted dtype)."""
+    :func:`attnres.ops.dispatch.read_impl` picks; ``o`` in ``dtype`` (default the sources' promoted dtype).
+
+    With ``carry`` (``grads.py``: the carriers of the first ``len(carry)`` sources, from the previous carried
+    read over them; ``()`` to start): ``(o, p, carriers)``, carriers None where the implementation (only the
+    fused CPU kernel carries) does not, and the next read starts afresh."""
     impl = read_impl(qp, sources, w)
+    if impl == CPU:
+        return cpu_kernel.read(qp, w, eps, sources, dtype, carry)
     if impl == TRITON:
         from .triton_read import triton_read
 
-        return triton_read(qp, w, eps, sources, dtype)
-    if impl == CPU:
-        return cpu_kernel.read(qp, w, eps, sources, dtype)
-    return _AttnResRead.apply(qp, w, eps, dtype, *sources)
+        out = triton_read(qp, w, eps, sources, dtype)
+    else:
+        out = _AttnResRead.apply(qp, w, eps, dtype, *sources)
+    return out if carry is None else (*out, None)

@@ -37,7 +37,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ._checks import source_dtype
-from .grads import Needs, Slots
+from .grads import Needs, Slots, carriers
 
 _SOURCE = Path(__file__).with_name("csrc") / "read_cpu.cpp"
 # -fopenmp: at::parallel_for is an inline OpenMP loop, serial unless the extension is built with OpenMP. The
@@ -160,6 +160,21 @@ def set_compiled(flag: bool) -> None:
     _compiled = bool(flag)
 
 
+_carry = True  # Full/Block training forwards carry source gradients (grads.py)
+
+
+def set_carry(flag: bool) -> None:
+    """Whether a training forward of a Full/Block model chains its fused reads with carriers (``grads.py``: each
+    source's gradient built up in one buffer, in the kernel; default) or lets autograd sum one gradient term per
+    read. Same values either way. Read when a model runs (a change recompiles a compiled one)."""
+    global _carry
+    _carry = bool(flag)
+
+
+def carry_enabled() -> bool:
+    return _carry
+
+
 _F32_SOURCES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -188,15 +203,15 @@ def usable(qp: Tensor, sources: Sequence[Tensor], w: Tensor | None = None) -> bo
 
 torch.library.define(
     "attnres::read_forward",
-    "(Tensor qp, Tensor? w, float eps, Tensor[] sources, ScalarType? dtype=None) "
-    "-> (Tensor o, Tensor s, Tensor r, Tensor p, Tensor rh)",
+    "(Tensor qp, Tensor? w, float eps, Tensor[] sources, ScalarType? dtype=None, Tensor[]? carry=None) "
+    "-> (Tensor o, Tensor s, Tensor r, Tensor p, Tensor rh, Tensor[] carriers)",
 )
 torch.library.define("attnres::read_stacked",
                      "(Tensor qp, Tensor? w, float eps, Tensor bank, ScalarType? dtype=None) -> Tensor")
 torch.library.define(
     "attnres::read_backward",
     "(Tensor qp, Tensor? w, Tensor s, Tensor r, Tensor p, Tensor rh, Tensor dy, Tensor? dp_out, Tensor[] sources, "
-    "bool need_dq, bool need_dw, bool[] need_dv) -> (Tensor dq, Tensor dw, Tensor[] dv)",
+    "bool need_dq, bool need_dw, bool[] need_dv, Tensor?[] acc) -> (Tensor dq, Tensor dw, Tensor[] dv)",
 )
 torch.library.define(
     "attnres::phase1", "(Tensor qs, float eps, Tensor[] blocks) -> (Tensor s, Tensor r, Tensor o, Tensor m, Tensor l)"
@@ -204,17 +219,18 @@ torch.library.define(
 torch.library.define(
     "attnres::merge_forward",
     "(Tensor qp, Tensor? w, float eps, Tensor s1, Tensor r1, Tensor o1, Tensor m1, Tensor l1, Tensor[] sources, "
-    "ScalarType? dtype=None) -> (Tensor o, Tensor s, Tensor r, Tensor p, Tensor rh)",
+    "ScalarType? dtype=None, Tensor[]? carry=None) -> (Tensor o, Tensor s, Tensor r, Tensor p, Tensor rh, "
+    "Tensor[] carriers)",
 )
 OPS = torch.ops.attnres
 
 
 @torch.library.register_fake("attnres::read_forward")
-def _read_forward_fake(qp, w, eps, sources, dtype=None):
+def _read_forward_fake(qp, w, eps, sources, dtype=None, carry=None):
     n = sources[0].numel() // qp.shape[0]
     o = torch.empty(sources[0].shape, dtype=dtype or source_dtype(sources), device=qp.device)
     s, r, p = (qp.new_empty(len(sources), n) for _ in range(3))
-    return o, s, r, p, qp.new_empty(n if w is not None else 0)
+    return o, s, r, p, qp.new_empty(n if w is not None else 0), list(carriers(sources) if carry is not None else ())
 
 
 @torch.library.register_fake("attnres::read_stacked")
@@ -223,7 +239,7 @@ def _read_stacked_fake(qp, w, eps, bank, dtype=None):
 
 
 @torch.library.register_fake("attnres::read_backward")
-def _read_backward_fake(qp, w, s, r, p, rh, dy, dp_out, sources, need_dq, need_dw, need_dv):
+def _read_backward_fake(qp, w, s, r, p, rh, dy, dp_out, sources, need_dq, need_dw, need_dv, acc):
     d = qp.shape[0]
     dq = qp.new_empty(d if need_dq else 0)
     dw = qp.new_empty(d if need_dw and w is not None else 0)
@@ -240,46 +256,40 @@ def _phase1_fake(qs, eps, blocks):
 
 
 @torch.library.register_fake("attnres::merge_forward")
-def _merge_forward_fake(qp, w, eps, s1, r1, o1, m1, l1, sources, dtype=None):
-    return _read_forward_fake(qp, w, eps, sources, dtype)
+def _merge_forward_fake(qp, w, eps, s1, r1, o1, m1, l1, sources, dtype=None, carry=None):
+    return _read_forward_fake(qp, w, eps, sources, dtype, carry)
 
 
 _OP_SLOTS = Slots.of_op(OPS.read_forward.default)
 _MERGE_SLOTS = Slots.of_op(OPS.merge_forward.default)
 
 
-def _op_setup_context(ctx, inputs, output):
-    args = dict(zip(_OP_SLOTS.names, inputs, strict=False))  # a defaulted dtype may be absent
-    _o, s, r, p, rh = output
-    ctx.mark_non_differentiable(s, r, rh)
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(args["qp"], args["w"], s, r, p, rh, *args["sources"])
+def _setup_context(slots: Slots):
+    """The read's and the merge's: statistics s, r, rh non-differentiable; the merge's phase-1 statistics (s1 ..
+    l1) are constants of the forward schedule, its gradients the joint read's over (qp, w, sources, carry)."""
+    def setup_context(ctx, inputs, output):
+        args = dict(zip(slots.names, inputs, strict=False))  # defaulted dtype and carry may be absent
+        _o, s, r, p, rh, _carriers = output
+        ctx.mark_non_differentiable(s, r, rh)
+        ctx.set_materialize_grads(False)
+        ctx.carried = args.get("carry") is not None
+        ctx.save_for_backward(args["qp"], args["w"], s, r, p, rh, *args["sources"])
+    return setup_context
 
 
-def _op_backward(ctx, do, ds, dr, dp, drh):
-    dqp, dw, grads = backward(ctx, do, dp, _OP_SLOTS.needs(ctx), op=True)
-    return _OP_SLOTS.grads(dqp, dw, grads, len(ctx.needs_input_grad))
+def _op_backward(slots: Slots):
+    def op_backward(ctx, do, ds, dr, dp, drh, dcarriers):
+        needs = slots.needs(ctx)
+        dqp, dw, totals = backward(ctx, do, dp, needs, op=True, acc=dcarriers if ctx.carried else None)
+        grads, carry = needs.route(totals)
+        return slots.grads(dqp, dw, grads, len(ctx.needs_input_grad), carry if ctx.carried else None)
+    return op_backward
 
 
-torch.library.register_autograd("attnres::read_forward", _op_backward, setup_context=_op_setup_context)
-
-
-def _merge_setup_context(ctx, inputs, output):
-    """As the read's: the phase-1 statistics (s1 .. l1) are constants of the forward schedule, the gradients
-    are the joint read's over (qp, w, sources), picked from the inputs by name."""
-    args = dict(zip(_MERGE_SLOTS.names, inputs, strict=False))  # a defaulted dtype may be absent
-    _o, s, r, p, rh = output
-    ctx.mark_non_differentiable(s, r, rh)
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(args["qp"], args["w"], s, r, p, rh, *args["sources"])
-
-
-def _merge_backward(ctx, do, ds, dr, dp, drh):
-    dqp, dw, grads = backward(ctx, do, dp, _MERGE_SLOTS.needs(ctx), op=True)
-    return _MERGE_SLOTS.grads(dqp, dw, grads, len(ctx.needs_input_grad))
-
-
-torch.library.register_autograd("attnres::merge_forward", _merge_backward, setup_context=_merge_setup_context)
+torch.library.register_autograd("attnres::read_forward", _op_backward(_OP_SLOTS),
+                                setup_context=_setup_context(_OP_SLOTS))
+torch.library.register_autograd("attnres::merge_forward", _op_backward(_MERGE_SLOTS),
+                                setup_context=_setup_context(_MERGE_SLOTS))
 
 
 def _phase1_setup_context(ctx, inputs, output):
@@ -296,21 +306,36 @@ torch.library.register_autograd("attnres::phase1", _phase1_backward, setup_conte
 # ---- the read ----
 
 def read(qp: Tensor, w: Tensor | None, eps: float, sources: Sequence[Tensor],
-         dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+         dtype: torch.dtype | None = None, carry: Sequence[Tensor] | None = None) -> tuple:
     """``(o, p)`` of the read (as ``attn_res._AttnResRead.apply(qp, w, eps, dtype, *sources)``), fused, ``o``
-    in ``dtype`` (default the sources' promoted dtype); the op when compiling, else the autograd.Function."""
+    in ``dtype`` (default the sources' promoted dtype); the op when compiling, else the autograd.Function.
+    With ``carry`` (the carriers of the first ``len(carry)`` sources, ``grads.py``): ``(o, p, carriers)``."""
     qp = qp.contiguous()
     w = None if w is None else w.contiguous()
     if torch.compiler.is_compiling():
-        return op_read(qp, w, eps, sources, dtype)
-    return CpuRead.apply(qp, w, eps, dtype, *sources)
+        return op_read(qp, w, eps, sources, dtype, carry)
+    if carry is None:
+        return CpuRead.apply(qp, w, eps, dtype, *sources)
+    return _unpack(CpuCarriedRead.apply(qp, w, eps, dtype, len(carry), *sources, *carry))
+
+
+def _unpack(out: tuple) -> tuple:
+    """A carried autograd.Function's (o, p, *carriers) as (o, p, carriers)."""
+    return out[0], out[1], tuple(out[2:])
+
+
+def _op_out(out: tuple, sources: Sequence[Tensor], carry: Sequence[Tensor] | None) -> tuple:
+    o, _s, _r, p, _rh, car = out
+    p = p.view(len(sources), *sources[0].shape[:-1])
+    return (o, p) if carry is None else (o, p, tuple(car))
 
 
 def op_read(qp: Tensor, w: Tensor | None, eps: float, sources: Sequence[Tensor],
-            dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
-    """``(o, p)`` of the read through the ``attnres::read_forward`` op (any device with a kernel for it)."""
-    o, _s, _r, p, _rh = OPS.read_forward(qp, w, float(eps), list(sources), dtype)
-    return o, p.view(len(sources), *sources[0].shape[:-1])
+            dtype: torch.dtype | None = None, carry: Sequence[Tensor] | None = None) -> tuple:
+    """``(o, p)`` (``(o, p, carriers)`` with ``carry``) of the read through the ``attnres::read_forward`` op
+    (any device with a kernel for it)."""
+    out = OPS.read_forward(qp, w, float(eps), list(sources), dtype, None if carry is None else list(carry))
+    return _op_out(out, sources, carry)
 
 
 def read_stacked(qp: Tensor, w: Tensor | None, eps: float, bank: Tensor, dtype: torch.dtype | None = None) -> Tensor:
@@ -329,83 +354,133 @@ def phase1(qs: Tensor, eps: float, blocks: Sequence[Tensor]) -> tuple[Tensor, Te
     return _ext.phase1(qs, eps, list(blocks))
 
 
-def merge(qp: Tensor, w: Tensor | None, eps: float, inter: Sequence[Tensor],
-          sources: Sequence[Tensor], dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+def merge(qp: Tensor, w: Tensor | None, eps: float, inter: Sequence[Tensor], sources: Sequence[Tensor],
+          dtype: torch.dtype | None = None, carry: Sequence[Tensor] | None = None) -> tuple:
     """``(o, p)`` of the two-phase merged read over ``sources`` (the completed blocks, then the partial sum
     if any) from the phase-1 statistics ``inter = (s, r, o, m, l)`` of this query, ``o`` in ``dtype`` (default
-    the sources' promoted dtype); backward is the read's."""
+    the sources' promoted dtype); backward is the read's. ``carry``: as :func:`read`."""
     qp = qp.contiguous()
     w = None if w is None else w.contiguous()
     inter = [t.contiguous() for t in inter]
     if torch.compiler.is_compiling():
-        return op_merge(qp, w, eps, inter, sources, dtype)
-    return CpuMerge.apply(qp, w, eps, dtype, *inter, *sources)
+        return op_merge(qp, w, eps, inter, sources, dtype, carry)
+    if carry is None:
+        return CpuMerge.apply(qp, w, eps, dtype, *inter, *sources)
+    return _unpack(CpuCarriedMerge.apply(qp, w, eps, dtype, len(carry), *inter, *sources, *carry))
 
 
-def op_merge(qp: Tensor, w: Tensor | None, eps: float, inter: Sequence[Tensor],
-             sources: Sequence[Tensor], dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
-    """``(o, p)`` of the merged read through the ``attnres::merge_forward`` op."""
-    o, _s, _r, p, _rh = OPS.merge_forward(qp, w, float(eps), *inter, list(sources), dtype)
-    return o, p.view(len(sources), *sources[0].shape[:-1])
+def op_merge(qp: Tensor, w: Tensor | None, eps: float, inter: Sequence[Tensor], sources: Sequence[Tensor],
+             dtype: torch.dtype | None = None, carry: Sequence[Tensor] | None = None) -> tuple:
+    """``(o, p)`` (``(o, p, carriers)`` with ``carry``) of the merged read through ``attnres::merge_forward``."""
+    out = OPS.merge_forward(qp, w, float(eps), *inter, list(sources), dtype, None if carry is None else list(carry))
+    return _op_out(out, sources, carry)
+
+
+def _function_forward(ctx, run, qp: Tensor, w: Tensor | None, carried: int | None, tensors: Sequence[Tensor]):
+    """The autograd.Functions' forward: ``tensors`` are the sources, then ``carried`` carriers (None: no carry);
+    ``run(sources)`` is the kernel's (o, s, r, p, rh)."""
+    sources = tensors[:len(tensors) - (carried or 0)]
+    o, s, r, p, rh = run(list(sources))
+    ctx.set_materialize_grads(False)  # an unused carrier costs nothing in backward
+    ctx.carried = carried
+    ctx.save_for_backward(qp, w, s, r, p, rh, *sources)
+    out = o, p.view(len(sources), *sources[0].shape[:-1])
+    return out if carried is None else (*out, *carriers(sources))
+
+
+def _function_backward(ctx, slots: Slots, dy: Tensor | None, dp_out: Tensor | None, dcarriers: Sequence) -> tuple:
+    needs = slots.needs(ctx, ctx.carried or 0)
+    dqp, dw, totals = backward(ctx, dy, dp_out, needs, acc=None if ctx.carried is None else dcarriers)
+    grads, carry = needs.route(totals)
+    return slots.grads(dqp, dw, grads, carry=carry)
 
 
 class CpuMerge(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qp: Tensor, w: Tensor | None, eps: float, dtype: torch.dtype | None, s1: Tensor, r1: Tensor,
                 o1: Tensor, m1: Tensor, l1: Tensor, *sources: Tensor):
-        o, s, r, p, rh = _ext.merge_forward(qp, w, eps, s1, r1, o1, m1, l1, list(sources), dtype)
-        ctx.save_for_backward(qp, w, s, r, p, rh, *sources)
-        return o, p.view(len(sources), *sources[0].shape[:-1])
+        return CpuCarriedMerge.forward(ctx, qp, w, eps, dtype, None, s1, r1, o1, m1, l1, *sources)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy: Tensor | None, dp_out: Tensor | None):
-        dqp, dw, grads = backward(ctx, dy, dp_out, _MERGE_FN_SLOTS.needs(ctx))
-        return _MERGE_FN_SLOTS.grads(dqp, dw, grads)
+        return _function_backward(ctx, _MERGE_FN_SLOTS, dy, dp_out, ())
 
 
-_MERGE_FN_SLOTS = Slots.of_function(CpuMerge.forward)
+class CpuCarriedMerge(torch.autograd.Function):
+    """:class:`CpuMerge` whose ``sources`` end with ``carried`` carriers (``grads.py``); returns (o, p, *carriers)."""
+
+    @staticmethod
+    def forward(ctx, qp: Tensor, w: Tensor | None, eps: float, dtype: torch.dtype | None, carried: int | None,
+                s1: Tensor, r1: Tensor, o1: Tensor, m1: Tensor, l1: Tensor, *sources: Tensor):
+        return _function_forward(ctx, lambda v: _ext.merge_forward(qp, w, eps, s1, r1, o1, m1, l1, v, dtype),
+                                 qp, w, carried, sources)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: Tensor | None, dp_out: Tensor | None, *dcarriers: Tensor | None):
+        return _function_backward(ctx, _CARRIED_MERGE_FN_SLOTS, dy, dp_out, dcarriers)
 
 
 class CpuRead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qp: Tensor, w: Tensor | None, eps: float, dtype: torch.dtype | None, *sources: Tensor):
-        ext = load()
-        if ext is None:
-            raise RuntimeError(f"the fused CPU read is unavailable: {unavailable_reason()}")
-        o, s, r, p, rh = ext.read_forward(qp, w, eps, list(sources), dtype)
-        ctx.save_for_backward(qp, w, s, r, p, rh, *sources)
-        return o, p.view(len(sources), *sources[0].shape[:-1])
+        return CpuCarriedRead.forward(ctx, qp, w, eps, dtype, None, *sources)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy: Tensor | None, dp_out: Tensor | None):
-        dqp, dw, grads = backward(ctx, dy, dp_out, _SLOTS.needs(ctx))
-        return _SLOTS.grads(dqp, dw, grads)
+        return _function_backward(ctx, _SLOTS, dy, dp_out, ())
+
+
+class CpuCarriedRead(torch.autograd.Function):
+    """:class:`CpuRead` whose ``sources`` end with ``carried`` carriers (``grads.py``); returns (o, p, *carriers)."""
+
+    @staticmethod
+    def forward(ctx, qp: Tensor, w: Tensor | None, eps: float, dtype: torch.dtype | None, carried: int | None,
+                *sources: Tensor):
+        ext = load()
+        if ext is None:
+            raise RuntimeError(f"the fused CPU read is unavailable: {unavailable_reason()}")
+        return _function_forward(ctx, lambda v: ext.read_forward(qp, w, eps, v, dtype), qp, w, carried, sources)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: Tensor | None, dp_out: Tensor | None, *dcarriers: Tensor | None):
+        return _function_backward(ctx, _CARRIED_SLOTS, dy, dp_out, dcarriers)
 
 
 _SLOTS = Slots.of_function(CpuRead.forward)
+_CARRIED_SLOTS = Slots.of_function(CpuCarriedRead.forward)
+_MERGE_FN_SLOTS = Slots.of_function(CpuMerge.forward)
+_CARRIED_MERGE_FN_SLOTS = Slots.of_function(CpuCarriedMerge.forward)
 
 
 def _plain(*tensors: Tensor) -> bool:
     return all(type(t) in (Tensor, torch.nn.Parameter) for t in tensors)
 
 
-def backward(ctx, dy: Tensor | None, dp_out: Tensor | None, needs: Needs, op: bool = False):
+def backward(ctx, dy: Tensor | None, dp_out: Tensor | None, needs: Needs, op: bool = False,
+             acc: Sequence[Tensor | None] | None = None):
     """(dqp, dw, source grads) from statistics saved as (qp, w, s, r, p, rh, *sources); through the
-    ``attnres::read_backward`` op when ``op`` or when tracing, else the pybind function."""
+    ``attnres::read_backward`` op when ``op`` or when tracing, else the pybind function. ``acc``: a carried
+    read's carrier gradients (one per source, None where none came), added into the sources' gradients (in
+    place in eager: the engine hands each over to this backward alone); a source's gradient is computed where
+    ``needs.wanted()``."""
     qp, w, s, r, p, rh, *sources = ctx.saved_tensors
     if dy is None:  # read in any dtype the kernel takes: zeros of the sources' promoted one
         dy = torch.zeros(sources[0].shape, dtype=source_dtype(sources), device=qp.device)
     dp_out = None if dp_out is None else dp_out.contiguous()
     need_dw = needs.w and w is not None
     rh = s.new_empty(0) if rh is None else rh  # the merged read's forward saves None without a gain
-    if op or torch.compiler.is_compiling() or not _plain(qp, dy):  # traced: the op (pybind sees no fakes)
+    wanted = needs.wanted()
+    acc = [] if acc is None else list(acc)
+    if op or torch.compiler.is_compiling() or not _plain(qp, dy, *(a for a in acc if a is not None)):
         dq, dw, given = OPS.read_backward(qp, w, s, r, p, rh, dy.contiguous(), dp_out, list(sources),
-                                          needs.qp, need_dw, list(needs.sources))
+                                          needs.qp, need_dw, list(wanted), acc)  # traced: the op (pybind sees no fakes)
     else:
         dq, dw, given = _ext.read_backward(qp, w, s, r, p, rh, dy.contiguous(), dp_out, list(sources),
-                                           needs.qp, need_dw, list(needs.sources))
+                                           needs.qp, need_dw, list(wanted), acc, True)
     given = iter(given)
-    grads = [next(given) if need else None for need in needs.sources]
+    grads = [next(given) if need else None for need in wanted]
     return (dq if needs.qp else None, dw if need_dw else None, grads)

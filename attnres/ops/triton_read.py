@@ -34,7 +34,7 @@ from torch.autograd.function import once_differentiable
 
 from ._checks import source_dtype
 from .cpu_kernel import OPS, op_merge, op_read
-from .grads import Needs, Slots
+from .grads import Needs, Slots, carriers
 
 try:
     import triton
@@ -701,14 +701,18 @@ def _empty_if_none(t: Tensor | None, like: Tensor) -> Tensor:
     return like.new_empty(0) if t is None else t
 
 
-def _op_read_forward(qp, w, eps, sources, dtype=None):
+def _op_read_forward(qp, w, eps, sources, dtype=None, carry=None):
     o, s, r, p, rh, _flat = _launch_read(qp, w, eps, sources, dtype)
-    return o.view(sources[0].shape), s, r, p, _empty_if_none(rh, qp)
+    return o.view(sources[0].shape), s, r, p, _empty_if_none(rh, qp), _carriers(sources, carry)
 
 
-def _op_merge_forward(qp, w, eps, s1, r1, o1, m1, l1, sources, dtype=None):
+def _op_merge_forward(qp, w, eps, s1, r1, o1, m1, l1, sources, dtype=None, carry=None):
     o, s, r, p, rh, _flat = _launch_merge(qp, w, eps, s1, r1, o1, m1, l1, sources, dtype)
-    return o.view(sources[0].shape), s, r, p, _empty_if_none(rh, qp)
+    return o.view(sources[0].shape), s, r, p, _empty_if_none(rh, qp), _carriers(sources, carry)
+
+
+def _carriers(sources, carry) -> list[Tensor]:
+    return [] if carry is None else list(carriers(sources))
 
 
 def _op_read_stacked(qp, w, eps, bank, dtype=None):
@@ -716,12 +720,14 @@ def _op_read_stacked(qp, w, eps, bank, dtype=None):
     return _launch_read(qp, w, eps, bank.unbind(0), dtype)[0].view(bank.shape[1:])
 
 
-def _op_read_backward(qp, w, s, r, p, rh, dy, dp_out, sources, need_dq, need_dw, need_dv):
+def _op_read_backward(qp, w, s, r, p, rh, dy, dp_out, sources, need_dq, need_dw, need_dv, acc):
     flat = [_rows(v, qp.shape[0]) for v in sources]
     needs = Needs(bool(need_dq), bool(need_dw), tuple(bool(x) for x in need_dv))
     dqp, dw, grads = _launch_backward(qp, w, s, r, p, None if w is None else rh, flat, dy, dp_out, needs,
                                       sources[0].shape)
-    return _empty_if_none(dqp, qp), _empty_if_none(dw, qp), [g for g in grads if g is not None]
+    acc = list(acc) or [None] * len(grads)  # a carried read's gradients so far, added in
+    return _empty_if_none(dqp, qp), _empty_if_none(dw, qp), [g if a is None else g + a
+                                                             for g, a in zip(grads, acc, strict=True) if g is not None]
 
 
 OP_KERNELS = {

@@ -128,23 +128,27 @@ _SLOTS = Slots.of_function(_MergedRead.forward)
 def merged_read(
     qp: Tensor, inter: InterBlock, blocks: Sequence[Tensor], partial: Tensor | None,
     output_rms_weight: Tensor | None = None, rms_eps: float = 1e-6, dtype: torch.dtype | None = None,
-) -> tuple[Tensor, Tensor]:
+    carry: Sequence[Tensor] | None = None,
+) -> tuple:
     """Phase 2: the read of folded query ``qp`` over ``[*blocks, partial]`` given its phase-1 terms.
 
     Returns ``(o, p)`` exactly as :func:`attnres.attn_res` (with ``return_weights=True``) over the
     same sources would, ``o`` in ``dtype`` if given. ``blocks`` must be the ones ``inter`` was computed from.
+    ``carry``: as :func:`attnres.ops.attn_res.read`, ``(o, p, carriers)``.
     """
     sources = (*blocks, partial) if partial is not None else tuple(blocks)
     w = None if output_rms_weight is None else output_rms_weight.to(qp.dtype).contiguous()
     qp = qp.contiguous()
     impl = read_impl(qp, sources, w)
     if impl == CPU:  # forward and backward fused (the attnres:: ops when compiling)
-        return cpu_kernel.merge(qp, w, float(rms_eps), inter.tensors(), sources, dtype)
+        return cpu_kernel.merge(qp, w, float(rms_eps), inter.tensors(), sources, dtype, carry)
     if impl == TRITON:
         from .triton_read import triton_merge
 
-        return triton_merge(qp, w, float(rms_eps), inter.tensors(), sources, dtype)
-    return _MergedRead.apply(qp, w, float(rms_eps), dtype, inter, *sources)
+        out = triton_merge(qp, w, float(rms_eps), inter.tensors(), sources, dtype)
+    else:
+        out = _MergedRead.apply(qp, w, float(rms_eps), dtype, inter, *sources)
+    return out if carry is None else (*out, None)
 
 
 def two_phase_attn_res(

@@ -5,7 +5,7 @@ denseformer, hc, mhc, mhc_lite, delta, and the misreadings residual_scale, realf
 from __future__ import annotations
 
 from .ablation import AblatedAttnRes
-from .base import DepthQuery, DepthRead, Mode, Pass, ResidualParams, ResidualScheme, ScoreBias, State
+from .base import Chain, DepthQuery, DepthRead, Mode, Pass, ResidualParams, ResidualScheme, ScoreBias, State
 from .block import BlockAttnRes, FullAttnRes
 from .delta import DeltaAttnRes
 from .denseformer import DenseFormer
@@ -47,6 +47,7 @@ __all__ = [
     "BlockAttnRes",
     "DeltaAttnRes",
     "DenseFormer",
+    "Chain",
     "DepthMHA",
     "DepthQuery",
     "DepthRead",

@@ -59,12 +59,23 @@ class DepthRead:
     weights: Tensor | None = None
 
 
+class Chain:
+    """The carriers (``attnres.ops.grads``) of the last carried read's completed sources, which the next read,
+    whose sources begin with the same tensors, takes as its ``carry``: each source's gradient then builds up in
+    one buffer. One per forward pass, set by its reads."""
+
+    def __init__(self):
+        self.carriers: tuple[Tensor, ...] = ()
+
+
 @dataclass(frozen=True)
 class Pass:
-    """One forward pass's choices: the state's :class:`Mode` and where reads are recorded (or None)."""
+    """One forward pass's choices: the state's :class:`Mode`, where reads are recorded (or None) and whether
+    Full/Block reads carry their sources' gradients (a :class:`Chain`, or None)."""
 
     mode: Mode = Mode.STREAM
     records: list[DepthRead] | None = field(default=None, compare=False)
+    chain: Chain | None = field(default=None, compare=False)
 
 
 def rms(x: Tensor) -> float:

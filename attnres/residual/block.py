@@ -112,10 +112,14 @@ class BlockAttnRes(ResidualScheme):
     def _joint(self, j: int, sources: State, query: DepthQuery, norm: nn.Module, ctx: Pass) -> Tensor:
         ct = compute_dtype(source_dtype(sources))
         qp = query(ct)
+        carry = None if ctx.chain is None else ctx.chain.carriers
         if self._fuse(norm, ctx):
             dtype = sublayer_dtype(sources[0], ct) if j < self.num_sublayers else None
-            return attn_read(qp, norm.weight.to(ct), self.eps, sources, dtype)[0]
-        h, p = attn_read(qp, None, self.eps, sources)
+            o, _p, *out = attn_read(qp, norm.weight.to(ct), self.eps, sources, dtype, carry)
+            self._pass_on(ctx, j, out)
+            return o
+        h, p, *out = attn_read(qp, None, self.eps, sources, None, carry)
+        self._pass_on(ctx, j, out)
         self._record(ctx, j, h, p)
         return norm(h)
 
@@ -123,10 +127,18 @@ class BlockAttnRes(ResidualScheme):
         k, n = j - plan.first, len(plan.blocks)
         partial = state[n] if j % self.block_size else None
         qp = plan.queries[k]
-        if self._fuse(norm, ctx):
-            dtype = sublayer_dtype(state[0], qp.dtype)
-            return merged_read(qp, plan.inter[k], plan.blocks, partial, norm.weight, self.eps, dtype)[0]
-        return norm(merged_read(qp, plan.inter[k], plan.blocks, partial, None, self.eps)[0])
+        carry = None if ctx.chain is None else ctx.chain.carriers
+        fuse = self._fuse(norm, ctx)
+        w, dtype = (norm.weight, sublayer_dtype(state[0], qp.dtype)) if fuse else (None, None)
+        o, _p, *out = merged_read(qp, plan.inter[k], plan.blocks, partial, w, self.eps, dtype, carry)
+        self._pass_on(ctx, j, out)
+        return o if fuse else norm(o)
+
+    def _pass_on(self, ctx: Pass, j: int, out: list) -> None:
+        """Keep read j's carriers of its completed sources (all but a partial sum) for the next read."""
+        if ctx.chain is not None:
+            carriers = out[0] or ()  # None: this read's implementation does not carry
+            ctx.chain.carriers = carriers[: j // self.block_size + 1]
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(num_sublayers={self.num_sublayers}, block_size={self.block_size}, "

@@ -8,6 +8,7 @@ import torch
 
 from attnres import AttnResForCausalLM, naive_attn_res
 from attnres.models import enable_activation_checkpointing
+from attnres.ops import cpu_kernel
 from attnres.residual import Mode
 
 from .test_model import ids, randomize_attnres, tiny
@@ -83,7 +84,11 @@ def assert_same(got, want, **tol):
 
 @pytest.mark.parametrize("residual, extra", SHAPES)
 @pytest.mark.parametrize("two_phase", [True, False])
-def test_training_paths_equal_the_reference_forward_and_every_gradient(residual, extra, two_phase, monkeypatch):
+@pytest.mark.parametrize("carry", [True, False])
+def test_training_paths_equal_the_reference_forward_and_every_gradient(residual, extra, two_phase, carry,
+                                                                      monkeypatch):
+    """Every training path, with the fused reads carried (ops/grads.py, the default) and not."""
+    monkeypatch.setattr(cpu_kernel, "_carry", carry)
     model = build(residual, extra)
     model.config.attn_res_two_phase = two_phase
     seen = modes_of(model, monkeypatch)
@@ -136,7 +141,10 @@ def _checkpointing(model, reentrant):
 
 @pytest.mark.parametrize("residual, extra", SHAPES)
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_activation_checkpointing_gives_the_same_gradients_recomputing_each_layer(residual, extra, reentrant):
+def test_activation_checkpointing_gives_the_same_gradients_recomputing_each_layer(residual, extra, reentrant,
+                                                                                 monkeypatch):
+    # a checkpointed forward never carries its reads: neither does the one it is held to (same summation order)
+    monkeypatch.setattr(cpu_kernel, "_carry", False)
     model = build(residual, extra).train()
     x = ids(t=LONG)
     want_logits = model(x, labels=x).logits
@@ -152,6 +160,33 @@ def test_activation_checkpointing_gives_the_same_gradients_recomputing_each_laye
     assert len(runs) == 8  # every layer ran again in backward (a pre-hook: recompute may stop early)
     torch.testing.assert_close(got_logits, want_logits, rtol=0, atol=0)
     assert_same(got, want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("residual", ["full", "block"])
+def test_only_plain_training_forwards_carry_their_reads(residual, cpu_read_impl, monkeypatch):
+    """A training forward chains its fused reads with carriers; no-grad, recorded and checkpointed forwards, the
+    PyTorch read and ``set_carry(False)`` do not (and all give the reference's function)."""
+    carried = []
+    for fn in (cpu_kernel.CpuCarriedRead, cpu_kernel.CpuCarriedMerge):  # Block's two-phase reads merge
+        monkeypatch.setattr(fn, "apply", lambda *a, real=fn.apply: carried.append(1) or real(*a))
+    model = build(residual, {}).train()
+    x = ids(t=LONG)
+
+    def reads(**kw):
+        carried.clear()
+        with torch.set_grad_enabled(kw.get("grad", True)):
+            model(x, use_cache=False)
+        return len(carried)
+
+    assert reads() == (2 * 4 + 1 if cpu_read_impl == "fused" else 0)  # every read and the final one
+    assert reads(grad=False) == 0
+    with model.model.record():
+        assert reads() == 0
+    monkeypatch.setattr(cpu_kernel, "_carry", False)
+    assert reads() == 0
+    monkeypatch.setattr(cpu_kernel, "_carry", True)
+    _checkpointing(model, reentrant=False)
+    assert reads() == 0
 
 
 def test_gradient_checkpointing_enable_is_the_hf_entry_point():

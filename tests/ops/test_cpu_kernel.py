@@ -242,7 +242,7 @@ def test_merged_read_fused_backward_16bit_and_mixed(mode, n, shape, output_norm,
 
     calls = []
     real = cpu_kernel.backward
-    monkeypatch.setattr(cpu_kernel, "backward", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(cpu_kernel, "backward", lambda *a, **k: calls.append(1) or real(*a, **k))
 
     def read(q, w, eps, src):
         blocks, partial = (src[:-1], src[-1]) if len(src) > 1 else (src, None)

@@ -39,11 +39,22 @@ def test_opcheck_read_forward(dtypes, output_norm, grad):
 @pytest.mark.parametrize("need", [(True, True, (True, False, True)), (False, False, (False, False, True))])
 def test_opcheck_read_backward_and_stacked(need):
     q, w, src = _inputs([torch.float32, torch.bfloat16, torch.bfloat16], (3, 17), True, False)
-    _o, s, r, p, rh = OPS.read_forward(q, w, 1e-6, src)
+    _o, s, r, p, rh, _c = OPS.read_forward(q, w, 1e-6, src)
     dy = torch.randn(3, 17)
     dpo = torch.randn(3, 3)
-    torch.library.opcheck(OPS.read_backward.default, (q, w, s, r, p, rh, dy, dpo, src, *need[:2], list(need[2])),
-                          test_utils=TESTS)
+    args = (q, w, s, r, p, rh, dy, dpo, src, *need[:2], list(need[2]))
+    torch.library.opcheck(OPS.read_backward.default, (*args, []), test_utils=TESTS)
+    # a carried read: the gradients so far (None: none came) are added in, in a new buffer (the op is functional)
+    acc = [torch.randn(3, 17), None, torch.randn(3, 17).bfloat16()]
+    torch.library.opcheck(OPS.read_backward.default, (*args, acc), test_utils=TESTS)
+    kept = [a.clone() if a is not None else None for a in acc]
+    plain, added = OPS.read_backward(*args, [])[2], OPS.read_backward(*args, acc)[2]
+    wanted = [a for a, need_dv in zip(acc, need[2], strict=True) if need_dv]
+    for g, a, want in zip(added, wanted, plain, strict=True):
+        torch.testing.assert_close(g.float(), want.float() + (0 if a is None else a.float()), rtol=1e-2, atol=1e-2)
+    assert all(a is None or torch.equal(a, k) for a, k in zip(acc, kept, strict=True))
+    with pytest.raises(RuntimeError, match="acc must be empty or have one entry per source, got 2 for 3"):
+        OPS.read_backward(*args, acc[:2])
     bank = torch.randn(4, 2, 3, 17)
     torch.library.opcheck(OPS.read_stacked.default, (q, w, 1e-6, bank), test_utils=TESTS)
     want = naive_attn_res(q.double(), bank.double(), output_rms_weight=w.double())
@@ -126,7 +137,7 @@ def test_op_gradients_equal_reference_float64(output_norm):
     src[1].requires_grad_(False)
     dy, dpo = torch.randn(2, 7, 33, dtype=F64), torch.randn(4, 2, 7, dtype=F64)
     leaves = [q, src[0], src[2], src[3]] + ([w] if output_norm else [])
-    o, _s, _r, p, _rh = OPS.read_forward(q, w, 1e-6, src)
+    o, _s, _r, p, _rh, _c = OPS.read_forward(q, w, 1e-6, src)
     got = torch.autograd.grad([o, p.view(4, 2, 7)], leaves, [dy, dpo])
     o2, p2 = naive_attn_res(q, src, output_rms_weight=w, return_weights=True)
     want = torch.autograd.grad([o2, p2], leaves, [dy, dpo])
@@ -138,7 +149,7 @@ def test_op_gradients_equal_reference_float64(output_norm):
 @pytest.mark.parametrize("mode", ["bf16", "mixed"])
 def test_op_gradients_16bit_against_float64_reference(mode):
     def read(q, w, eps, src):
-        o, _s, _r, p, _rh = OPS.read_forward(q, w, eps, src)
+        o, _s, _r, p, _rh, _c = OPS.read_forward(q, w, eps, src)
         return o, p.view(len(src), *src[0].shape[:-1])
 
     check_16bit_read(read, mode, 5, (2, 9, 40), True, seed=5)
@@ -173,3 +184,112 @@ def test_compiled_read_calls_the_op_and_matches_eager(output_norm):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert ["attnres.read_forward.default" in g for g in graphs] == [True, False]
     assert ["attnres.read_backward.default" in g for g in graphs] == [False, True]
+
+
+def _chain(read, queries, sources, partials=None):
+    """A Full-like run of carried reads: read i over sources[: i + 1] (+ partials[i] if given, not carried), each
+    taking the carriers of the previous read's leading sources; the last read's carriers are left unused."""
+    outs, carry = [], ()
+    for i, q in enumerate(queries):
+        srcs = (*sources[: i + 1], *([partials[i]] if partials is not None else []))
+        o, p, carriers = read(q, srcs, carry)
+        outs += [o, p]
+        carry = carriers[: i + 1]
+    return outs
+
+
+def _merge_read(q, w, srcs, carry, op):
+    from attnres.ops import phase1
+
+    inter = phase1(q[None], srcs[:-1], 1e-6)[0].tensors()
+    fn = cpu_kernel.op_merge if op else cpu_kernel.merge
+    return fn(q, w, 1e-6, inter, srcs, None, carry)
+
+
+@pytest.mark.parametrize("path", ["function", "op", "merge_function", "merge_op"])
+@pytest.mark.parametrize("output_norm", [False, True])
+def test_carried_reads_equal_the_reference_float64(path, output_norm):
+    """Carried reads (grads.py): every source's gradient built up through the carriers equals the plain reads'
+    sum over the reference, forward and every gradient; a source without a gradient, awkward shapes, a partial
+    sum that is not carried (Block), an unused output and the last read's unused carriers."""
+    gen = torch.Generator().manual_seed(3)
+    shape, n = (3, 5, 37), 4
+    sources = [torch.randn(shape, dtype=F64, generator=gen, requires_grad=i != 2) for i in range(n)]
+    partials = [torch.randn(shape, dtype=F64, generator=gen, requires_grad=True) for _ in range(n)]
+    queries = [(torch.randn(37, dtype=F64, generator=gen) / 4).requires_grad_() for _ in range(n)]
+    w = (1 + 0.1 * torch.randn(37, dtype=F64, generator=gen)).requires_grad_() if output_norm else None
+    merge, op = path.startswith("merge"), path.endswith("op")
+    if merge:
+        got = _chain(lambda q, srcs, carry: _merge_read(q, w, srcs, carry, op), queries, sources, partials)
+    else:
+        fn = cpu_kernel.op_read if op else cpu_kernel.read
+        got = _chain(lambda q, srcs, carry: fn(q, w, 1e-6, srcs, None, carry), queries, sources)
+    want = _chain(lambda q, srcs, carry: (*naive_attn_res(q, srcs, output_rms_weight=w, return_weights=True), ()),
+                  queries, sources, partials if merge else None)
+    cots = [torch.randn(t.shape, dtype=F64, generator=gen) for t in want]
+    cots[2] = None  # the second read's output is unused
+    leaves = [*queries, *(s for s in sources if s.requires_grad), *(partials if merge else []),
+              *([w] if output_norm else [])]
+
+    def grads(outs):
+        used = [(o, c) for o, c in zip(outs, cots, strict=True) if c is not None]
+        return torch.autograd.grad([o for o, _ in used], leaves, [c for _, c in used])
+
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    for a, b in zip(grads(got), grads(want), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("output_norm", [False, True])
+def test_opcheck_carried_read_and_merge(output_norm):
+    q, w, src = _inputs([torch.float32, torch.bfloat16, torch.bfloat16], (2, 3, 19), output_norm, True, seed=4)
+    carry = list(cpu_kernel.carriers(src[:2]))
+    torch.library.opcheck(OPS.read_forward.default, (q, w, 1e-6, src, None, carry), test_utils=TESTS)
+    out = OPS.read_forward(q, w, 1e-6, src, None, carry)
+    assert [(c.shape, c.dtype, c.stride()) for c in out[5]] == [(v.shape, v.dtype, (0, 0, 0)) for v in src]
+    assert OPS.read_forward(q, w, 1e-6, src)[5] == []
+    from attnres.ops import phase1
+
+    inter = phase1(q.detach()[None], src[:2], 1e-6)[0].tensors()
+    torch.library.opcheck(OPS.merge_forward.default, (q, w, 1e-6, *inter, src, None, carry), test_utils=TESTS)
+
+
+def test_compiled_carried_reads_call_the_ops_with_the_carriers():
+    """Fullgraph-compiled carried reads: the backward graph hands each read's carrier gradients to the previous
+    read's ``read_backward`` (none for the last read, whose carriers are unused), nothing else sums the source
+    gradients; values and gradients equal eager, traced (aot_eager) and generated (inductor)."""
+    gen = torch.Generator().manual_seed(5)
+    sources = [torch.randn(2, 9, 40, generator=gen, requires_grad=True) for _ in range(4)]
+    queries = [(torch.randn(40, generator=gen) / 4).requires_grad_() for _ in range(4)]
+    leaves = [*queries, *sources]
+
+    def run(*tensors):
+        outs = _chain(lambda q, s, c: cpu_kernel.read(q, None, 1e-6, s, None, c), tensors[:4], tensors[4:])
+        return sum((o.square().sum() for o in outs[::2]), torch.zeros(()))
+
+    backward_graphs = []
+
+    def backend(gm, example_inputs):
+        from functorch.compile import make_boxed_func
+        from torch._dynamo.backends.common import aot_autograd
+
+        def keep_backward(g, _):
+            backward_graphs.append(g.graph)
+            return make_boxed_func(g.forward)
+
+        return aot_autograd(fw_compiler=lambda g, _: make_boxed_func(g.forward), bw_compiler=keep_backward)(
+            gm, example_inputs)
+
+    eager = torch.autograd.grad(run(*leaves), leaves)
+    for be in (backend, "inductor"):
+        torch._dynamo.reset()
+        loss = torch.compile(run, fullgraph=True, backend=be)(*leaves)
+        torch.testing.assert_close(loss, run(*leaves), rtol=1e-5, atol=1e-5)
+        for a, b in zip(torch.autograd.grad(loss, leaves), eager, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    (graph,) = backward_graphs
+    calls = [n for n in graph.nodes if n.target is OPS.read_backward.default]
+    assert sorted(sum(a is not None for a in n.args[-1]) for n in calls) == [0, 1, 2, 3]
+    assert not [n for n in graph.nodes if n.target in (torch.ops.aten.add.Tensor, torch.ops.aten.sum.default)
+                and n.meta["val"].shape == sources[0].shape]  # no source gradient summed outside the kernel

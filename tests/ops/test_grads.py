@@ -47,16 +47,27 @@ def test_slots_refuse_a_read_without_the_names():
 
 def test_slots_of_the_custom_op_schema():
     slots = Slots.of_op(cpu_kernel.OPS.read_forward.default)
-    assert slots.names == ("qp", "w", "eps", "sources", "dtype") and not slots.star
+    assert slots.names == ("qp", "w", "eps", "sources", "dtype", "carry") and not slots.star
 
-    class Ctx:  # called without the defaulted dtype: one flag, and one gradient, per argument given
+    class Ctx:  # called without the defaulted dtype and carry: one flag, and one gradient, per argument given
         needs_input_grad = (False, True, False, [True, False])
 
     assert slots.needs(Ctx) == Needs(False, True, (True, False))
     assert slots.grads(None, "dw", ["a", None], 4) == (None, "dw", None, ["a", None])
     Ctx.needs_input_grad = (False, True, False, [True, False], False)
     assert slots.needs(Ctx) == Needs(False, True, (True, False))
-    assert slots.grads(None, "dw", ["a", None]) == (None, "dw", None, ["a", None], None)
+    assert slots.grads(None, "dw", ["a", None], 5) == (None, "dw", None, ["a", None], None)
+    Ctx.needs_input_grad = (False, True, False, [True, False], False, [False])  # one carrier, of sources[0]
+    assert slots.needs(Ctx) == Needs(False, True, (True, False), (False,))
+    assert slots.grads(None, "dw", [None, "b"], carry=["a"]) == (None, "dw", None, [None, "b"], None, ["a"])
     Ctx.needs_input_grad = (False, True, False)
-    with pytest.raises(TypeError, match="needs_input_grad has 3 entries, the op 5 arguments"):
+    with pytest.raises(TypeError, match="needs_input_grad has 3 entries, the op 6 arguments"):
         slots.needs(Ctx)
+
+
+def test_needs_route_a_carried_sources_total_through_its_carrier():
+    needs = Needs(True, False, (True, True, False), carry=(True, False))
+    assert needs.wanted() == (True, False, False)  # carried: the carrier's flag; the others: the source's
+    assert needs.route(["t0", "t1", "t2"]) == ([None, None, "t2"], ["t0", "t1"])
+    plain = Needs(True, False, (True, False))
+    assert plain.wanted() == (True, False) and plain.route(["t0", None]) == (["t0", None], [])

@@ -17,19 +17,23 @@ TOL = dict(rtol=3e-2, atol=3e-2)
 
 
 def _counting(monkeypatch):
+    """Count the fused reads (plain and carried) and their backwards, and note the sources' dtypes."""
     calls = {"forward": 0, "backward": 0, "dtypes": set()}
-    fwd, bwd = cpu_kernel.CpuRead.apply, cpu_kernel.backward
+    bwd = cpu_kernel.backward
 
-    def apply(qp, w, eps, dtype, *sources):
-        calls["forward"] += 1
-        calls["dtypes"].add(tuple(s.dtype for s in sources))
-        return fwd(qp, w, eps, dtype, *sources)
+    def counted(fn, first):  # args[first:]: the sources (then a carried read's carriers, of the same dtypes)
+        def apply(*args):
+            calls["forward"] += 1
+            calls["dtypes"].add(tuple(t.dtype for t in args[first:]))
+            return fn(*args)
+        return apply
 
     def backward(*a, **k):
         calls["backward"] += 1
         return bwd(*a, **k)
 
-    monkeypatch.setattr(cpu_kernel.CpuRead, "apply", apply)
+    for fn, first in ((cpu_kernel.CpuRead, 4), (cpu_kernel.CpuCarriedRead, 5)):
+        monkeypatch.setattr(fn, "apply", counted(fn.apply, first))
     monkeypatch.setattr(cpu_kernel, "backward", backward)
     return calls
 

@@ -226,7 +226,7 @@ def test_opcheck_phase1_and_merge_forward(dtypes, partial, output_norm):
     args = (qp, w, 1e-6, s[1], r, o[1], m[1], l[1], sources)
     torch.library.opcheck(cpu_kernel.OPS.merge_forward.default, args, test_utils=OPCHECK)
     # the op's output and registered gradients are the joint read's
-    out, _s, _r, p, _rh = cpu_kernel.OPS.merge_forward(*args)
+    out, _s, _r, p, _rh, _c = cpu_kernel.OPS.merge_forward(*args)
     want, pw = cpu_kernel.OPS.read_forward(qp, w, 1e-6, sources)[::3]
     leaves = [qp, *sources] + ([w] if output_norm else [])
     dy = torch.randn(out.shape, generator=g).to(out.dtype)

@@ -51,9 +51,9 @@ def walk(scheme, num_sublayers, monkeypatch):
     """
     seen = []
 
-    def spy(qp, w, eps, residuals, dtype=None):
+    def spy(qp, w, eps, residuals, dtype=None, carry=None):
         seen.append([tuple(torch.nonzero(r).flatten().tolist()) for r in residuals])
-        return torch.stack(list(residuals)).mean(0), None
+        return (torch.stack(list(residuals)).mean(0), None) + (() if carry is None else (None,))
 
     monkeypatch.setattr(block_mod, "attn_read", spy)
     d = num_sublayers + 1

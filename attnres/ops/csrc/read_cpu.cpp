@@ -361,12 +361,12 @@ void forward_impl(const T* q, const T* w, double eps, const Sources<T>& v, int64
 }
 
 // The gradients of one token's sources of kind k (storage S), 2 W<T> features from ``off``:
-// o_i = p_i dh + c1_i q + c2_i x_i (where dv[i]) and dq += c1_i x_i, with dh, q and dq in registers across the
-// sources. With ``ahead``, prefetches the next token's gradient rows for writing (measured: 10-27 % faster).
+// o_i = p_i dh + c1_i q + c2_i x_i (+ a_i, the gradient so far, where acc[i]) where dv[i], and dq += c1_i x_i, with
+// dh, q and dq in registers across the sources. With ``ahead``, prefetches the next token's gradient rows for writing (measured: 10-27 % faster).
 template <typename T, typename S>
 inline void grads_kind(vec<T> (&dq)[2], const vec<T> (&dh)[2], const vec<T> (&q)[2], const Sources<T>& v, int k,
-                       const std::vector<void*>& dv, int64_t off, const T* pi, const T* c1, const T* c2,
-                       int64_t ahead) {
+                       const std::vector<void*>& dv, const std::vector<const void*>& acc, int64_t off, const T* pi,
+                       const T* c1, const T* c2, int64_t ahead) {
   for (const int64_t i : v.of[k]) {
     const S* x = static_cast<const S*>(v.ptr[i]) + off;
     const vec<T> x0 = load<T>(x), x1 = load<T>(x + W<T>);
@@ -376,8 +376,14 @@ inline void grads_kind(vec<T> (&dq)[2], const vec<T> (&dh)[2], const vec<T> (&q)
         __builtin_prefetch(o + ahead, 1);
         if constexpr (sizeof(S) == 4) __builtin_prefetch(o + ahead + W<T>, 1);
       }
-      store<T>(o, pi[i] * dh[0] + c1[i] * q[0] + c2[i] * x0);
-      store<T>(o + W<T>, pi[i] * dh[1] + c1[i] * q[1] + c2[i] * x1);
+      vec<T> g0 = pi[i] * dh[0] + c1[i] * q[0] + c2[i] * x0, g1 = pi[i] * dh[1] + c1[i] * q[1] + c2[i] * x1;
+      if (acc[i]) {
+        const S* a = static_cast<const S*>(acc[i]) + off;
+        g0 += load<T>(a);
+        g1 += load<T>(a + W<T>);
+      }
+      store<T>(o, g0);
+      store<T>(o + W<T>, g1);
     }
     dq[0] += c1[i] * x0;
     dq[1] += c1[i] * x1;
@@ -387,16 +393,16 @@ inline void grads_kind(vec<T> (&dq)[2], const vec<T> (&dh)[2], const vec<T> (&q)
 // All sources' gradients of one token (rows at ``off``) and its share of dq (if dq): blocks of 2 W<T> features,
 // each source row loaded once per block; coefficients pi, c1, c2 per source.
 template <typename T>
-void token_grads(const Sources<T>& v, const std::vector<void*>& dv, int64_t off, const T* dh, const T* q,
-                 const T* pi, const T* c1, const T* c2, T* dq, int64_t d, bool ahead) {
+void token_grads(const Sources<T>& v, const std::vector<void*>& dv, const std::vector<const void*>& acc, int64_t off,
+                 const T* dh, const T* q, const T* pi, const T* c1, const T* c2, T* dq, int64_t d, bool ahead) {
   const int64_t w = W<T>, full = d - d % (2 * w), pf = ahead ? d : 0;
   for (int64_t k = 0; k < full; k += 2 * w) {
     const vec<T> h[2] = {load<T>(dh + k), load<T>(dh + k + w)}, qv[2] = {load<T>(q + k), load<T>(q + k + w)};
     vec<T> a[2] = {};
-    grads_kind<T, T>(a, h, qv, v, 0, dv, off + k, pi, c1, c2, pf);
+    grads_kind<T, T>(a, h, qv, v, 0, dv, acc, off + k, pi, c1, c2, pf);
     if constexpr (std::is_same_v<T, float>) {
-      grads_kind<T, bf16>(a, h, qv, v, 1, dv, off + k, pi, c1, c2, pf);
-      grads_kind<T, f16>(a, h, qv, v, 2, dv, off + k, pi, c1, c2, pf);
+      grads_kind<T, bf16>(a, h, qv, v, 1, dv, acc, off + k, pi, c1, c2, pf);
+      grads_kind<T, f16>(a, h, qv, v, 2, dv, acc, off + k, pi, c1, c2, pf);
     }
     if (dq) {
       store<T>(dq + k, load<T>(dq + k) + a[0]);
@@ -408,9 +414,10 @@ void token_grads(const Sources<T>& v, const std::vector<void*>& dv, int64_t off,
       using S = ATTNRES_STORAGE(tag);
       const S* x = static_cast<const S*>(v.ptr[i]) + off;
       S* o = dv[i] ? static_cast<S*>(dv[i]) + off : nullptr;
+      const S* a = acc[i] ? static_cast<const S*>(acc[i]) + off : nullptr;
       for (int64_t k = full; k < d; ++k) {
         const T xk = up<T>(x[k]);
-        if (o) o[k] = down<S>(pi[i] * dh[k] + c1[i] * q[k] + c2[i] * xk);
+        if (o) o[k] = down<S>(pi[i] * dh[k] + c1[i] * q[k] + c2[i] * xk + (a ? up<T>(a[k]) : T(0)));
         if (dq) dq[k] += c1[i] * xk;
       }
     });
@@ -440,8 +447,8 @@ inline void norm_grad(T* __restrict h, const T* __restrict g, const T* __restric
 
 template <typename T, typename O>
 void backward_impl(const T* q, const T* w, const Sources<T>& v, int64_t n, int64_t d, const T* s, const T* r,
-                   const T* p, const T* rh, const O* dy, const T* dp_out, const std::vector<void*>& dv, T* dq_parts,
-                   T* dw_parts) {
+                   const T* p, const T* rh, const O* dy, const T* dp_out, const std::vector<void*>& dv,
+                   const std::vector<const void*>& acc, T* dq_parts, T* dw_parts) {
   const int64_t L = v.size();
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     constexpr bool same = std::is_same_v<O, T>;
@@ -484,7 +491,7 @@ void backward_impl(const T* q, const T* w, const Sources<T>& v, int64_t n, int64
         c1[i] = ds * ri;
         c2[i] = -ds * s[i * n + t] * ri * ri / d;
       }
-      token_grads<T>(v, dv, t * d, dh, q, pi.data(), c1.data(), c2.data(), dq, d, t + 1 < end);
+      token_grads<T>(v, dv, acc, t * d, dh, q, pi.data(), c1.data(), c2.data(), dq, d, t + 1 < end);
     }
   });
 }
@@ -824,14 +831,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> merge_forward(
   return {out, s, r, p, rh};
 }
 
-// Returns (dqp or [0], dw or [0], the gradients of the sources with need_dv[i], in order).
+// The source gradient written by read_backward for source v, adding the gradient so far a (if given): in a when
+// ``inplace`` and a is a contiguous tensor of v's dtype (nothing else may hold it), else in a new buffer.
+Tensor grad_buffer(const Tensor& v, const std::optional<Tensor>& a, bool inplace) {
+  if (!a) return pooled_empty(v.sizes(), v.options());
+  TORCH_CHECK(a->device().is_cpu() && a->numel() == v.numel(), "attnres read: the gradient so far ", a->sizes(),
+              " does not fit its source ", v.sizes());
+  if (inplace && a->scalar_type() == v.scalar_type() && a->is_contiguous()) return *a;
+  return pooled_empty(v.sizes(), v.options());
+}
+
+// Returns (dqp or [0], dw or [0], the gradients of the sources with need_dv[i], in order). acc: for each source
+// (or none), the gradient it has so far from later reads, added into its gradient here (a carried source).
 std::tuple<Tensor, Tensor, std::vector<Tensor>> read_backward(
     const Tensor& qp, const std::optional<Tensor>& w, const Tensor& s_in, const Tensor& r_in, const Tensor& p_in,
     const Tensor& rh_in, const Tensor& dy_in, const std::optional<Tensor>& dp_out_in, at::TensorList sources,
-    bool need_dq, bool need_dw, c10::List<bool> need_dv) {
+    bool need_dq, bool need_dw, c10::List<bool> need_dv, const std::vector<std::optional<Tensor>>& acc_in,
+    bool inplace) {
   check(qp, w, sources);
   const int64_t d = qp.size(0), n = sources[0].numel() / d, L = sources.size();
   TORCH_CHECK(static_cast<int64_t>(need_dv.size()) == L, "attnres read: need_dv must have one flag per source");
+  TORCH_CHECK(acc_in.empty() || static_cast<int64_t>(acc_in.size()) == L,
+              "attnres read: acc must be empty or have one entry per source, got ", acc_in.size(), " for ", L);
   const at::ScalarType ct = qp.scalar_type();
   // dy in its own dtype where the kernel reads it (the output's, whichever was asked for), else the promoted one.
   const at::ScalarType ot = io_dtype(ct, dy_in.scalar_type()) ? dy_in.scalar_type() : promoted(sources);
@@ -850,12 +871,17 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> read_backward(
   auto opts = qp.options();
   auto dq_parts = at::zeros({need_dq ? threads : 0, d}, opts);
   auto dw_parts = at::zeros({need_dw && w ? threads : 0, d}, opts);
-  std::vector<Tensor> grads;
+  std::vector<Tensor> grads, acc(L);  // acc: the gradients so far, in their sources' dtype, contiguous
   std::vector<void*> dv(L, nullptr);
+  std::vector<const void*> accp(L, nullptr);
   for (int64_t i = 0; i < L; ++i) {
-    if (need_dv.get(i)) {
-      grads.push_back(pooled_empty(sources[i].sizes(), sources[i].options()));
-      dv[i] = grads.back().data_ptr();
+    if (!need_dv.get(i)) continue;
+    const std::optional<Tensor> a = acc_in.empty() ? std::nullopt : acc_in[i];
+    grads.push_back(grad_buffer(sources[i], a, inplace));
+    dv[i] = grads.back().data_ptr();
+    if (a) {
+      acc[i] = a->to(sources[i].scalar_type()).contiguous();
+      accp[i] = acc[i].data_ptr();
     }
   }
   dispatch(ct, ot, [&](auto t_, auto o_) {
@@ -863,7 +889,7 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> read_backward(
     using O = decltype(o_);
     backward_impl<T, O>(qp.data_ptr<T>(), w ? w->data_ptr<T>() : nullptr, gather<T>(sources), n, d,
                         s.data_ptr<T>(), r.data_ptr<T>(), p.data_ptr<T>(), w ? rh.data_ptr<T>() : nullptr,
-                        static_cast<const O*>(dy.data_ptr()), dp_out ? dp_out->data_ptr<T>() : nullptr, dv,
+                        static_cast<const O*>(dy.data_ptr()), dp_out ? dp_out->data_ptr<T>() : nullptr, dv, accp,
                         need_dq ? dq_parts.data_ptr<T>() : nullptr, need_dw && w ? dw_parts.data_ptr<T>() : nullptr);
   });
   Tensor dq = need_dq ? dq_parts.sum(0) : at::empty({0}, opts);
@@ -871,14 +897,49 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> read_backward(
   return {dq, dw, grads};
 }
 
+// One zero-stride carrier per source, shaped and typed like it (grads.py: a carried source's gradient so far
+// comes back as its carrier's gradient).
+std::vector<Tensor> carriers(at::TensorList sources) {
+  std::vector<Tensor> out;
+  for (const auto& v : sources) out.push_back(at::zeros({}, v.options()).expand(v.sizes()));
+  return out;
+}
+
+using Read = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, std::vector<Tensor>>;
+
+Read with_carriers(std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> res, at::TensorList sources, bool carried) {
+  auto [o, s, r, p, rh] = std::move(res);
+  return {o, s, r, p, rh, carried ? carriers(sources) : std::vector<Tensor>{}};
+}
+
+// The ops' CPU kernels (schemas in cpu_kernel.py): the carry inputs only link the autograd graph.
+Read read_forward_op(const Tensor& qp, const std::optional<Tensor>& w, double eps, at::TensorList sources,
+                     std::optional<at::ScalarType> dtype, std::optional<at::TensorList> carry) {
+  return with_carriers(read_forward(qp, w, eps, sources, dtype), sources, carry.has_value());
+}
+
+Read merge_forward_op(const Tensor& qp, const std::optional<Tensor>& w, double eps, const Tensor& s1,
+                      const Tensor& r1, const Tensor& o1, const Tensor& m1, const Tensor& l1, at::TensorList sources,
+                      std::optional<at::ScalarType> dtype, std::optional<at::TensorList> carry) {
+  return with_carriers(merge_forward(qp, w, eps, s1, r1, o1, m1, l1, sources, dtype), sources, carry.has_value());
+}
+
+std::tuple<Tensor, Tensor, std::vector<Tensor>> read_backward_op(
+    const Tensor& qp, const std::optional<Tensor>& w, const Tensor& s, const Tensor& r, const Tensor& p,
+    const Tensor& rh, const Tensor& dy, const std::optional<Tensor>& dp_out, at::TensorList sources, bool need_dq,
+    bool need_dw, c10::List<bool> need_dv, const c10::List<std::optional<Tensor>>& acc) {
+  std::vector<std::optional<Tensor>> a(acc.begin(), acc.end());
+  return read_backward(qp, w, s, r, p, rh, dy, dp_out, sources, need_dq, need_dw, std::move(need_dv), a, false);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(attnres, CPU, m) {
-  m.impl("read_forward", TORCH_FN(read_forward));
+  m.impl("read_forward", TORCH_FN(read_forward_op));
   m.impl("read_stacked", TORCH_FN(read_stacked));
-  m.impl("read_backward", TORCH_FN(read_backward));
+  m.impl("read_backward", TORCH_FN(read_backward_op));
   m.impl("phase1", TORCH_FN(phase1));
-  m.impl("merge_forward", TORCH_FN(merge_forward));
+  m.impl("merge_forward", TORCH_FN(merge_forward_op));
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -890,12 +951,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("read_backward",
         [](const Tensor& qp, const std::optional<Tensor>& w, const Tensor& s, const Tensor& r, const Tensor& p,
            const Tensor& rh, const Tensor& dy, const std::optional<Tensor>& dp_out, const std::vector<Tensor>& sources,
-           bool need_dq, bool need_dw, const std::vector<bool>& need_dv) {
+           bool need_dq, bool need_dw, const std::vector<bool>& need_dv, const std::vector<std::optional<Tensor>>& acc,
+           bool inplace) {
           c10::List<bool> flags;
           for (const bool b : need_dv) flags.push_back(b);
-          return read_backward(qp, w, s, r, p, rh, dy, dp_out, sources, need_dq, need_dw, std::move(flags));
+          return read_backward(qp, w, s, r, p, rh, dy, dp_out, sources, need_dq, need_dw, std::move(flags), acc,
+                               inplace);
         },
-        "AttnRes read backward (CPU): (dqp or [0], dw or [0], [grads of the sources that need one])");
+        "AttnRes read backward (CPU): (dqp or [0], dw or [0], [grads of the sources that need one]); acc: each "
+        "source's gradient so far (or none), added in, in place where ``inplace`` allows");
   m.def("phase1",
         [](const Tensor& qs, double eps, const std::vector<Tensor>& blocks) { return phase1(qs, eps, blocks); },
         "Two-phase Block AttnRes, phase 1 (CPU): (s, r, o, m, l)");
