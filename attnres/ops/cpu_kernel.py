@@ -211,7 +211,12 @@ torch.library.define("attnres::read_stacked",
 torch.library.define(
     "attnres::read_backward",
     "(Tensor qp, Tensor? w, Tensor s, Tensor r, Tensor p, Tensor rh, Tensor dy, Tensor? dp_out, Tensor[] sources, "
-    "bool need_dq, bool need_dw, bool[] need_dv, Tensor?[] acc) -> (Tensor dq, Tensor dw, Tensor[] dv)",
+    "bool need_dq, bool need_dw, bool[] need_dv) -> (Tensor dq, Tensor dw, Tensor[] dv)",
+)
+torch.library.define(  # a carried read's backward: each wanted source's gradient into (or added to) a given buffer
+    "attnres::read_backward_into",
+    "(Tensor qp, Tensor? w, Tensor s, Tensor r, Tensor p, Tensor rh, Tensor dy, Tensor? dp_out, Tensor[] sources, "
+    "bool need_dq, bool need_dw, bool[] need_dv, Tensor(a!)[] grads, bool[] add) -> (Tensor dq, Tensor dw)",
 )
 torch.library.define(
     "attnres::phase1", "(Tensor qs, float eps, Tensor[] blocks) -> (Tensor s, Tensor r, Tensor o, Tensor m, Tensor l)"
@@ -239,12 +244,18 @@ def _read_stacked_fake(qp, w, eps, bank, dtype=None):
 
 
 @torch.library.register_fake("attnres::read_backward")
-def _read_backward_fake(qp, w, s, r, p, rh, dy, dp_out, sources, need_dq, need_dw, need_dv, acc):
+def _read_backward_fake(qp, w, s, r, p, rh, dy, dp_out, sources, need_dq, need_dw, need_dv):
     d = qp.shape[0]
     dq = qp.new_empty(d if need_dq else 0)
     dw = qp.new_empty(d if need_dw and w is not None else 0)
     return dq, dw, [torch.empty_like(v, memory_format=torch.contiguous_format)
                     for v, need in zip(sources, need_dv, strict=True) if need]
+
+
+@torch.library.register_fake("attnres::read_backward_into")
+def _read_backward_into_fake(qp, w, s, r, p, rh, dy, dp_out, sources, need_dq, need_dw, need_dv, grads, add):
+    d = qp.shape[0]
+    return qp.new_empty(d if need_dq else 0), qp.new_empty(d if need_dw and w is not None else 0)
 
 
 @torch.library.register_fake("attnres::phase1")
@@ -460,13 +471,27 @@ def _plain(*tensors: Tensor) -> bool:
     return all(type(t) in (Tensor, torch.nn.Parameter) for t in tensors)
 
 
+def _into(sources: Sequence[Tensor], acc: Sequence[Tensor | None], wanted: Sequence[bool]) -> tuple[list, list]:
+    """``attnres::read_backward_into``'s buffers and add flags: each wanted source's gradient so far (contiguous,
+    in its dtype), or a new buffer where none came."""
+    given, add = [], []
+    for v, a, need in zip(sources, acc, wanted, strict=True):
+        if need:
+            fresh = a is None
+            given.append(torch.empty_like(v, memory_format=torch.contiguous_format) if fresh
+                         else a.to(v.dtype).contiguous())
+            add.append(not fresh)
+    return given, add
+
+
 def backward(ctx, dy: Tensor | None, dp_out: Tensor | None, needs: Needs, op: bool = False,
              acc: Sequence[Tensor | None] | None = None):
     """(dqp, dw, source grads) from statistics saved as (qp, w, s, r, p, rh, *sources); through the
     ``attnres::read_backward`` op when ``op`` or when tracing, else the pybind function. ``acc``: a carried
-    read's carrier gradients (one per source, None where none came), added into the sources' gradients (in
-    place in eager: the engine hands each over to this backward alone); a source's gradient is computed where
-    ``needs.wanted()``."""
+    read's carrier gradients (one per source, None where none came), which this backward alone holds (the
+    engine hands each over once): each source's gradient is added into its own in place (traced: through
+    ``attnres::read_backward_into``, which inductor runs in place) and returned. A source's gradient is
+    computed where ``needs.wanted()``."""
     qp, w, s, r, p, rh, *sources = ctx.saved_tensors
     if dy is None:  # read in any dtype the kernel takes: zeros of the sources' promoted one
         dy = torch.zeros(sources[0].shape, dtype=source_dtype(sources), device=qp.device)
@@ -474,13 +499,15 @@ def backward(ctx, dy: Tensor | None, dp_out: Tensor | None, needs: Needs, op: bo
     need_dw = needs.w and w is not None
     rh = s.new_empty(0) if rh is None else rh  # the merged read's forward saves None without a gain
     wanted = needs.wanted()
-    acc = [] if acc is None else list(acc)
-    if op or torch.compiler.is_compiling() or not _plain(qp, dy, *(a for a in acc if a is not None)):
-        dq, dw, given = OPS.read_backward(qp, w, s, r, p, rh, dy.contiguous(), dp_out, list(sources),
-                                          needs.qp, need_dw, list(wanted), acc)  # traced: the op (pybind sees no fakes)
+    acc = [] if acc is None or all(a is None for a in acc) else list(acc)
+    args = (qp, w, s, r, p, rh, dy.contiguous(), dp_out, list(sources), needs.qp, need_dw, list(wanted))
+    if not (op or torch.compiler.is_compiling() or not _plain(qp, dy, *(a for a in acc if a is not None))):
+        dq, dw, given = _ext.read_backward(*args, acc)
+    elif acc:  # traced: the op (pybind sees no fakes)
+        given, add = _into(sources, acc, wanted)
+        dq, dw = OPS.read_backward_into(*args, given, add)
     else:
-        dq, dw, given = _ext.read_backward(qp, w, s, r, p, rh, dy.contiguous(), dp_out, list(sources),
-                                           needs.qp, need_dw, list(wanted), acc, True)
+        dq, dw, given = OPS.read_backward(*args)
     given = iter(given)
     grads = [next(given) if need else None for need in wanted]
     return (dq if needs.qp else None, dw if need_dw else None, grads)

@@ -720,14 +720,12 @@ def _op_read_stacked(qp, w, eps, bank, dtype=None):
     return _launch_read(qp, w, eps, bank.unbind(0), dtype)[0].view(bank.shape[1:])
 
 
-def _op_read_backward(qp, w, s, r, p, rh, dy, dp_out, sources, need_dq, need_dw, need_dv, acc):
+def _op_read_backward(qp, w, s, r, p, rh, dy, dp_out, sources, need_dq, need_dw, need_dv):
     flat = [_rows(v, qp.shape[0]) for v in sources]
     needs = Needs(bool(need_dq), bool(need_dw), tuple(bool(x) for x in need_dv))
     dqp, dw, grads = _launch_backward(qp, w, s, r, p, None if w is None else rh, flat, dy, dp_out, needs,
                                       sources[0].shape)
-    acc = list(acc) or [None] * len(grads)  # a carried read's gradients so far, added in
-    return _empty_if_none(dqp, qp), _empty_if_none(dw, qp), [g if a is None else g + a
-                                                             for g, a in zip(grads, acc, strict=True) if g is not None]
+    return _empty_if_none(dqp, qp), _empty_if_none(dw, qp), [g for g in grads if g is not None]
 
 
 OP_KERNELS = {

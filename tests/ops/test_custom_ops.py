@@ -43,18 +43,22 @@ def test_opcheck_read_backward_and_stacked(need):
     dy = torch.randn(3, 17)
     dpo = torch.randn(3, 3)
     args = (q, w, s, r, p, rh, dy, dpo, src, *need[:2], list(need[2]))
-    torch.library.opcheck(OPS.read_backward.default, (*args, []), test_utils=TESTS)
-    # a carried read: the gradients so far (None: none came) are added in, in a new buffer (the op is functional)
-    acc = [torch.randn(3, 17), None, torch.randn(3, 17).bfloat16()]
-    torch.library.opcheck(OPS.read_backward.default, (*args, acc), test_utils=TESTS)
-    kept = [a.clone() if a is not None else None for a in acc]
-    plain, added = OPS.read_backward(*args, [])[2], OPS.read_backward(*args, acc)[2]
-    wanted = [a for a, need_dv in zip(acc, need[2], strict=True) if need_dv]
-    for g, a, want in zip(added, wanted, plain, strict=True):
-        torch.testing.assert_close(g.float(), want.float() + (0 if a is None else a.float()), rtol=1e-2, atol=1e-2)
-    assert all(a is None or torch.equal(a, k) for a, k in zip(acc, kept, strict=True))
-    with pytest.raises(RuntimeError, match="acc must be empty or have one entry per source, got 2 for 3"):
-        OPS.read_backward(*args, acc[:2])
+    torch.library.opcheck(OPS.read_backward.default, args, test_utils=TESTS)
+    # a carried read's: each wanted source's gradient into a given buffer, added to its contents where asked
+    dq, dw, plain = OPS.read_backward(*args)
+    wanted = [v for v, need_dv in zip(src, need[2], strict=True) if need_dv]
+    add = [i % 2 == 0 for i in range(len(wanted))]
+    start = [torch.randn(v.shape).to(v.dtype) for v in wanted]
+    grads = [t.clone() for t in start]
+    torch.library.opcheck(OPS.read_backward_into.default, (*args, [t.clone() for t in start], add), test_utils=TESTS)
+    got = OPS.read_backward_into(*args, grads, add)
+    assert torch.equal(got[0], dq) and torch.equal(got[1], dw)
+    for g, g0, a, want in zip(grads, start, add, plain, strict=True):
+        torch.testing.assert_close(g.float(), want.float() + (g0.float() if a else 0), rtol=1e-2, atol=1e-2)
+    with pytest.raises(RuntimeError, match="gradient buffers for"):
+        OPS.read_backward_into(*args, [*grads, grads[0]], [*add, False])
+    with pytest.raises(RuntimeError, match="must be a contiguous CPU tensor of its dtype"):
+        OPS.read_backward_into(*args, [g.double() for g in grads], add)
     bank = torch.randn(4, 2, 3, 17)
     torch.library.opcheck(OPS.read_stacked.default, (q, w, 1e-6, bank), test_utils=TESTS)
     want = naive_attn_res(q.double(), bank.double(), output_rms_weight=w.double())
@@ -255,10 +259,13 @@ def test_opcheck_carried_read_and_merge(output_norm):
     torch.library.opcheck(OPS.merge_forward.default, (q, w, 1e-6, *inter, src, None, carry), test_utils=TESTS)
 
 
-def test_compiled_carried_reads_call_the_ops_with_the_carriers():
-    """Fullgraph-compiled carried reads: the backward graph hands each read's carrier gradients to the previous
-    read's ``read_backward`` (none for the last read, whose carriers are unused), nothing else sums the source
-    gradients; values and gradients equal eager, traced (aot_eager) and generated (inductor)."""
+def test_compiled_carried_reads_build_each_gradient_in_one_buffer():
+    """Fullgraph-compiled carried reads (inductor): the last read's backward (its carriers unused) makes the
+    source gradients with ``read_backward``, every earlier read adds into them in place with
+    ``read_backward_into`` (no copy, nothing else sums them); values and gradients equal eager."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
     gen = torch.Generator().manual_seed(5)
     sources = [torch.randn(2, 9, 40, generator=gen, requires_grad=True) for _ in range(4)]
     queries = [(torch.randn(40, generator=gen) / 4).requires_grad_() for _ in range(4)]
@@ -268,28 +275,14 @@ def test_compiled_carried_reads_call_the_ops_with_the_carriers():
         outs = _chain(lambda q, s, c: cpu_kernel.read(q, None, 1e-6, s, None, c), tensors[:4], tensors[4:])
         return sum((o.square().sum() for o in outs[::2]), torch.zeros(()))
 
-    backward_graphs = []
-
-    def backend(gm, example_inputs):
-        from functorch.compile import make_boxed_func
-        from torch._dynamo.backends.common import aot_autograd
-
-        def keep_backward(g, _):
-            backward_graphs.append(g.graph)
-            return make_boxed_func(g.forward)
-
-        return aot_autograd(fw_compiler=lambda g, _: make_boxed_func(g.forward), bw_compiler=keep_backward)(
-            gm, example_inputs)
-
-    eager = torch.autograd.grad(run(*leaves), leaves)
-    for be in (backend, "inductor"):
-        torch._dynamo.reset()
-        loss = torch.compile(run, fullgraph=True, backend=be)(*leaves)
-        torch.testing.assert_close(loss, run(*leaves), rtol=1e-5, atol=1e-5)
-        for a, b in zip(torch.autograd.grad(loss, leaves), eager, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    (graph,) = backward_graphs
-    calls = [n for n in graph.nodes if n.target is OPS.read_backward.default]
-    assert sorted(sum(a is not None for a in n.args[-1]) for n in calls) == [0, 1, 2, 3]
-    assert not [n for n in graph.nodes if n.target in (torch.ops.aten.add.Tensor, torch.ops.aten.sum.default)
-                and n.meta["val"].shape == sources[0].shape]  # no source gradient summed outside the kernel
+    compiled = torch.compile(run, fullgraph=True)
+    (loss, got), codes = run_and_get_code(lambda: (lambda out: (out, torch.autograd.grad(out, leaves)))(
+        compiled(*leaves)))
+    eager = run(*leaves)
+    torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got, torch.autograd.grad(eager, leaves), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    (backward,) = [c for c in codes if "read_backward" in c]
+    calls = [ln for ln in backward.splitlines() if "= torch.ops.attnres.read_backward" in ln]
+    assert len(calls) == 4 and sum("read_backward_into" in ln for ln in calls) == 3
+    assert "clone" not in backward and "copy_" not in backward

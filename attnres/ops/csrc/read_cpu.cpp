@@ -361,11 +361,11 @@ void forward_impl(const T* q, const T* w, double eps, const Sources<T>& v, int64
 }
 
 // The gradients of one token's sources of kind k (storage S), 2 W<T> features from ``off``:
-// o_i = p_i dh + c1_i q + c2_i x_i (+ a_i, the gradient so far, where acc[i]) where dv[i], and dq += c1_i x_i, with
-// dh, q and dq in registers across the sources. With ``ahead``, prefetches the next token's gradient rows for writing (measured: 10-27 % faster).
+// o_i = p_i dh + c1_i q + c2_i x_i where dv[i] (added to o_i's contents where add[i]: a carried source's gradient
+// so far, built up in place), and dq += c1_i x_i, with dh, q and dq in registers across the sources. With ``ahead``, prefetches the next token's gradient rows for writing (measured: 10-27 % faster).
 template <typename T, typename S>
 inline void grads_kind(vec<T> (&dq)[2], const vec<T> (&dh)[2], const vec<T> (&q)[2], const Sources<T>& v, int k,
-                       const std::vector<void*>& dv, const std::vector<const void*>& acc, int64_t off, const T* pi,
+                       const std::vector<void*>& dv, const std::vector<uint8_t>& add, int64_t off, const T* pi,
                        const T* c1, const T* c2, int64_t ahead) {
   for (const int64_t i : v.of[k]) {
     const S* x = static_cast<const S*>(v.ptr[i]) + off;
@@ -377,10 +377,9 @@ inline void grads_kind(vec<T> (&dq)[2], const vec<T> (&dh)[2], const vec<T> (&q)
         if constexpr (sizeof(S) == 4) __builtin_prefetch(o + ahead + W<T>, 1);
       }
       vec<T> g0 = pi[i] * dh[0] + c1[i] * q[0] + c2[i] * x0, g1 = pi[i] * dh[1] + c1[i] * q[1] + c2[i] * x1;
-      if (acc[i]) {
-        const S* a = static_cast<const S*>(acc[i]) + off;
-        g0 += load<T>(a);
-        g1 += load<T>(a + W<T>);
+      if (add[i]) {
+        g0 += load<T>(o);
+        g1 += load<T>(o + W<T>);
       }
       store<T>(o, g0);
       store<T>(o + W<T>, g1);
@@ -393,16 +392,16 @@ inline void grads_kind(vec<T> (&dq)[2], const vec<T> (&dh)[2], const vec<T> (&q)
 // All sources' gradients of one token (rows at ``off``) and its share of dq (if dq): blocks of 2 W<T> features,
 // each source row loaded once per block; coefficients pi, c1, c2 per source.
 template <typename T>
-void token_grads(const Sources<T>& v, const std::vector<void*>& dv, const std::vector<const void*>& acc, int64_t off,
+void token_grads(const Sources<T>& v, const std::vector<void*>& dv, const std::vector<uint8_t>& add, int64_t off,
                  const T* dh, const T* q, const T* pi, const T* c1, const T* c2, T* dq, int64_t d, bool ahead) {
   const int64_t w = W<T>, full = d - d % (2 * w), pf = ahead ? d : 0;
   for (int64_t k = 0; k < full; k += 2 * w) {
     const vec<T> h[2] = {load<T>(dh + k), load<T>(dh + k + w)}, qv[2] = {load<T>(q + k), load<T>(q + k + w)};
     vec<T> a[2] = {};
-    grads_kind<T, T>(a, h, qv, v, 0, dv, acc, off + k, pi, c1, c2, pf);
+    grads_kind<T, T>(a, h, qv, v, 0, dv, add, off + k, pi, c1, c2, pf);
     if constexpr (std::is_same_v<T, float>) {
-      grads_kind<T, bf16>(a, h, qv, v, 1, dv, acc, off + k, pi, c1, c2, pf);
-      grads_kind<T, f16>(a, h, qv, v, 2, dv, acc, off + k, pi, c1, c2, pf);
+      grads_kind<T, bf16>(a, h, qv, v, 1, dv, add, off + k, pi, c1, c2, pf);
+      grads_kind<T, f16>(a, h, qv, v, 2, dv, add, off + k, pi, c1, c2, pf);
     }
     if (dq) {
       store<T>(dq + k, load<T>(dq + k) + a[0]);
@@ -414,10 +413,9 @@ void token_grads(const Sources<T>& v, const std::vector<void*>& dv, const std::v
       using S = ATTNRES_STORAGE(tag);
       const S* x = static_cast<const S*>(v.ptr[i]) + off;
       S* o = dv[i] ? static_cast<S*>(dv[i]) + off : nullptr;
-      const S* a = acc[i] ? static_cast<const S*>(acc[i]) + off : nullptr;
       for (int64_t k = full; k < d; ++k) {
         const T xk = up<T>(x[k]);
-        if (o) o[k] = down<S>(pi[i] * dh[k] + c1[i] * q[k] + c2[i] * xk + (a ? up<T>(a[k]) : T(0)));
+        if (o) o[k] = down<S>(pi[i] * dh[k] + c1[i] * q[k] + c2[i] * xk + (add[i] ? up<T>(o[k]) : T(0)));
         if (dq) dq[k] += c1[i] * xk;
       }
     });
@@ -448,7 +446,7 @@ inline void norm_grad(T* __restrict h, const T* __restrict g, const T* __restric
 template <typename T, typename O>
 void backward_impl(const T* q, const T* w, const Sources<T>& v, int64_t n, int64_t d, const T* s, const T* r,
                    const T* p, const T* rh, const O* dy, const T* dp_out, const std::vector<void*>& dv,
-                   const std::vector<const void*>& acc, T* dq_parts, T* dw_parts) {
+                   const std::vector<uint8_t>& add, T* dq_parts, T* dw_parts) {
   const int64_t L = v.size();
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     constexpr bool same = std::is_same_v<O, T>;
@@ -491,7 +489,7 @@ void backward_impl(const T* q, const T* w, const Sources<T>& v, int64_t n, int64
         c1[i] = ds * ri;
         c2[i] = -ds * s[i * n + t] * ri * ri / d;
       }
-      token_grads<T>(v, dv, acc, t * d, dh, q, pi.data(), c1.data(), c2.data(), dq, d, t + 1 < end);
+      token_grads<T>(v, dv, add, t * d, dh, q, pi.data(), c1.data(), c2.data(), dq, d, t + 1 < end);
     }
   });
 }
@@ -831,28 +829,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> merge_forward(
   return {out, s, r, p, rh};
 }
 
-// The source gradient written by read_backward for source v, adding the gradient so far a (if given): in a when
-// ``inplace`` and a is a contiguous tensor of v's dtype (nothing else may hold it), else in a new buffer.
-Tensor grad_buffer(const Tensor& v, const std::optional<Tensor>& a, bool inplace) {
-  if (!a) return pooled_empty(v.sizes(), v.options());
-  TORCH_CHECK(a->device().is_cpu() && a->numel() == v.numel(), "attnres read: the gradient so far ", a->sizes(),
-              " does not fit its source ", v.sizes());
-  if (inplace && a->scalar_type() == v.scalar_type() && a->is_contiguous()) return *a;
-  return pooled_empty(v.sizes(), v.options());
-}
-
-// Returns (dqp or [0], dw or [0], the gradients of the sources with need_dv[i], in order). acc: for each source
-// (or none), the gradient it has so far from later reads, added into its gradient here (a carried source).
-std::tuple<Tensor, Tensor, std::vector<Tensor>> read_backward(
-    const Tensor& qp, const std::optional<Tensor>& w, const Tensor& s_in, const Tensor& r_in, const Tensor& p_in,
-    const Tensor& rh_in, const Tensor& dy_in, const std::optional<Tensor>& dp_out_in, at::TensorList sources,
-    bool need_dq, bool need_dw, c10::List<bool> need_dv, const std::vector<std::optional<Tensor>>& acc_in,
-    bool inplace) {
+// The backward into given gradient tensors: dv[i] (undefined where source i needs none) gets source i's gradient,
+// added to its contents where add[i]. Returns (dqp or [0], dw or [0]).
+std::tuple<Tensor, Tensor> backward_into(const Tensor& qp, const std::optional<Tensor>& w, const Tensor& s_in,
+                                         const Tensor& r_in, const Tensor& p_in, const Tensor& rh_in,
+                                         const Tensor& dy_in, const std::optional<Tensor>& dp_out_in,
+                                         at::TensorList sources, bool need_dq, bool need_dw,
+                                         const std::vector<Tensor>& dv_t, const std::vector<uint8_t>& add) {
   check(qp, w, sources);
   const int64_t d = qp.size(0), n = sources[0].numel() / d, L = sources.size();
-  TORCH_CHECK(static_cast<int64_t>(need_dv.size()) == L, "attnres read: need_dv must have one flag per source");
-  TORCH_CHECK(acc_in.empty() || static_cast<int64_t>(acc_in.size()) == L,
-              "attnres read: acc must be empty or have one entry per source, got ", acc_in.size(), " for ", L);
   const at::ScalarType ct = qp.scalar_type();
   // dy in its own dtype where the kernel reads it (the output's, whichever was asked for), else the promoted one.
   const at::ScalarType ot = io_dtype(ct, dy_in.scalar_type()) ? dy_in.scalar_type() : promoted(sources);
@@ -867,33 +852,61 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> read_backward(
   std::optional<Tensor> dp_out;
   if (dp_out_in) dp_out = dp_out_in->to(ct).contiguous();
   TORCH_CHECK(!dp_out || dp_out->numel() == L * n, "attnres read: bad dp_out");
+  std::vector<void*> dv(L, nullptr);
+  for (int64_t i = 0; i < L; ++i) {
+    if (!dv_t[i].defined()) continue;
+    const Tensor& g = dv_t[i];
+    TORCH_CHECK(g.device().is_cpu() && g.is_contiguous() && g.scalar_type() == sources[i].scalar_type() &&
+                    g.numel() == sources[i].numel(),
+                "attnres read: the gradient buffer of source ", i, " must be a contiguous CPU tensor of its dtype (",
+                sources[i].scalar_type(), ") and size ", sources[i].sizes(), ", got ", g.scalar_type(), " ",
+                g.sizes(), g.is_contiguous() ? "" : " (not contiguous)");
+    dv[i] = g.data_ptr();
+  }
   const int64_t threads = at::get_num_threads();
   auto opts = qp.options();
   auto dq_parts = at::zeros({need_dq ? threads : 0, d}, opts);
   auto dw_parts = at::zeros({need_dw && w ? threads : 0, d}, opts);
-  std::vector<Tensor> grads, acc(L);  // acc: the gradients so far, in their sources' dtype, contiguous
-  std::vector<void*> dv(L, nullptr);
-  std::vector<const void*> accp(L, nullptr);
-  for (int64_t i = 0; i < L; ++i) {
-    if (!need_dv.get(i)) continue;
-    const std::optional<Tensor> a = acc_in.empty() ? std::nullopt : acc_in[i];
-    grads.push_back(grad_buffer(sources[i], a, inplace));
-    dv[i] = grads.back().data_ptr();
-    if (a) {
-      acc[i] = a->to(sources[i].scalar_type()).contiguous();
-      accp[i] = acc[i].data_ptr();
-    }
-  }
   dispatch(ct, ot, [&](auto t_, auto o_) {
     using T = decltype(t_);
     using O = decltype(o_);
     backward_impl<T, O>(qp.data_ptr<T>(), w ? w->data_ptr<T>() : nullptr, gather<T>(sources), n, d,
                         s.data_ptr<T>(), r.data_ptr<T>(), p.data_ptr<T>(), w ? rh.data_ptr<T>() : nullptr,
-                        static_cast<const O*>(dy.data_ptr()), dp_out ? dp_out->data_ptr<T>() : nullptr, dv, accp,
+                        static_cast<const O*>(dy.data_ptr()), dp_out ? dp_out->data_ptr<T>() : nullptr, dv, add,
                         need_dq ? dq_parts.data_ptr<T>() : nullptr, need_dw && w ? dw_parts.data_ptr<T>() : nullptr);
   });
   Tensor dq = need_dq ? dq_parts.sum(0) : at::empty({0}, opts);
   Tensor dw = need_dw && w ? dw_parts.sum(0) : at::empty({0}, opts);
+  return {dq, dw};
+}
+
+// Returns (dqp or [0], dw or [0], the gradients of the sources with need_dv[i], in order). acc (eager, or empty):
+// each source's gradient so far from later reads (None where none came), which the backward owns: its gradient
+// is added into it in place (a copy if it is not a contiguous tensor of the source's dtype) and returned.
+std::tuple<Tensor, Tensor, std::vector<Tensor>> read_backward(
+    const Tensor& qp, const std::optional<Tensor>& w, const Tensor& s, const Tensor& r, const Tensor& p,
+    const Tensor& rh, const Tensor& dy, const std::optional<Tensor>& dp_out, at::TensorList sources, bool need_dq,
+    bool need_dw, const c10::List<bool>& need_dv, const std::vector<std::optional<Tensor>>& acc = {}) {
+  const int64_t L = sources.size();
+  TORCH_CHECK(static_cast<int64_t>(need_dv.size()) == L, "attnres read: need_dv must have one flag per source");
+  TORCH_CHECK(acc.empty() || static_cast<int64_t>(acc.size()) == L,
+              "attnres read: acc must be empty or have one entry per source, got ", acc.size(), " for ", L);
+  std::vector<Tensor> dv(L), grads;
+  std::vector<uint8_t> add(L, 0);
+  for (int64_t i = 0; i < L; ++i) {
+    if (!need_dv.get(i)) continue;
+    const Tensor& v = sources[i];
+    if (!acc.empty() && acc[i]) {
+      TORCH_CHECK(acc[i]->numel() == v.numel(), "attnres read: the gradient so far ", acc[i]->sizes(),
+                  " does not fit its source ", v.sizes());
+      dv[i] = acc[i]->to(v.scalar_type()).contiguous().view(v.sizes());
+      add[i] = 1;
+    } else {
+      dv[i] = pooled_empty(v.sizes(), v.options());
+    }
+    grads.push_back(dv[i]);
+  }
+  auto [dq, dw] = backward_into(qp, w, s, r, p, rh, dy, dp_out, sources, need_dq, need_dw, dv, add);
   return {dq, dw, grads};
 }
 
@@ -927,9 +940,34 @@ Read merge_forward_op(const Tensor& qp, const std::optional<Tensor>& w, double e
 std::tuple<Tensor, Tensor, std::vector<Tensor>> read_backward_op(
     const Tensor& qp, const std::optional<Tensor>& w, const Tensor& s, const Tensor& r, const Tensor& p,
     const Tensor& rh, const Tensor& dy, const std::optional<Tensor>& dp_out, at::TensorList sources, bool need_dq,
-    bool need_dw, c10::List<bool> need_dv, const c10::List<std::optional<Tensor>>& acc) {
-  std::vector<std::optional<Tensor>> a(acc.begin(), acc.end());
-  return read_backward(qp, w, s, r, p, rh, dy, dp_out, sources, need_dq, need_dw, std::move(need_dv), a, false);
+    bool need_dw, c10::List<bool> need_dv) {
+  return read_backward(qp, w, s, r, p, rh, dy, dp_out, sources, need_dq, need_dw, need_dv);
+}
+
+// attnres::read_backward_into: the gradient of each source with need_dv[i] written into the next of ``grads``
+// (mutated), added to its contents where the matching ``add`` is set (a carried read's gradients so far).
+std::tuple<Tensor, Tensor> read_backward_into_op(
+    const Tensor& qp, const std::optional<Tensor>& w, const Tensor& s, const Tensor& r, const Tensor& p,
+    const Tensor& rh, const Tensor& dy, const std::optional<Tensor>& dp_out, at::TensorList sources, bool need_dq,
+    bool need_dw, c10::List<bool> need_dv, at::TensorList grads, c10::List<bool> add) {
+  const int64_t L = sources.size();
+  TORCH_CHECK(static_cast<int64_t>(need_dv.size()) == L, "attnres read: need_dv must have one flag per source");
+  TORCH_CHECK(grads.size() == add.size(), "attnres read: ", grads.size(), " gradient buffers but ", add.size(),
+              " add flags");
+  std::vector<Tensor> dv(L);
+  std::vector<uint8_t> adds(L, 0);
+  size_t k = 0;
+  for (int64_t i = 0; i < L; ++i) {
+    if (!need_dv.get(i)) continue;
+    TORCH_CHECK(k < grads.size(), "attnres read: fewer gradient buffers (", grads.size(),
+                ") than sources that need a gradient");
+    dv[i] = grads[k];
+    adds[i] = add.get(k);
+    ++k;
+  }
+  TORCH_CHECK(k == grads.size(), "attnres read: ", grads.size(), " gradient buffers for ", k,
+              " sources that need a gradient");
+  return backward_into(qp, w, s, r, p, rh, dy, dp_out, sources, need_dq, need_dw, dv, adds);
 }
 
 }  // namespace
@@ -938,6 +976,7 @@ TORCH_LIBRARY_IMPL(attnres, CPU, m) {
   m.impl("read_forward", TORCH_FN(read_forward_op));
   m.impl("read_stacked", TORCH_FN(read_stacked));
   m.impl("read_backward", TORCH_FN(read_backward_op));
+  m.impl("read_backward_into", TORCH_FN(read_backward_into_op));
   m.impl("phase1", TORCH_FN(phase1));
   m.impl("merge_forward", TORCH_FN(merge_forward_op));
 }
@@ -951,15 +990,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("read_backward",
         [](const Tensor& qp, const std::optional<Tensor>& w, const Tensor& s, const Tensor& r, const Tensor& p,
            const Tensor& rh, const Tensor& dy, const std::optional<Tensor>& dp_out, const std::vector<Tensor>& sources,
-           bool need_dq, bool need_dw, const std::vector<bool>& need_dv, const std::vector<std::optional<Tensor>>& acc,
-           bool inplace) {
+           bool need_dq, bool need_dw, const std::vector<bool>& need_dv,
+           const std::vector<std::optional<Tensor>>& acc) {
           c10::List<bool> flags;
           for (const bool b : need_dv) flags.push_back(b);
-          return read_backward(qp, w, s, r, p, rh, dy, dp_out, sources, need_dq, need_dw, std::move(flags), acc,
-                               inplace);
+          return read_backward(qp, w, s, r, p, rh, dy, dp_out, sources, need_dq, need_dw, flags, acc);
         },
-        "AttnRes read backward (CPU): (dqp or [0], dw or [0], [grads of the sources that need one]); acc: each "
-        "source's gradient so far (or none), added in, in place where ``inplace`` allows");
+        "AttnRes read backward (CPU): (dqp or [0], dw or [0], [grads of the sources that need one]); acc (or "
+        "empty): each source's gradient so far (or None), owned by the caller, added into in place and returned");
   m.def("phase1",
         [](const Tensor& qs, double eps, const std::vector<Tensor>& blocks) { return phase1(qs, eps, blocks); },
         "Two-phase Block AttnRes, phase 1 (CPU): (s, r, o, m, l)");
