@@ -359,6 +359,8 @@ def to_markdown(res: dict) -> str:
            + "".join(f", {k}={v!r}" for k, v in comp.get("inductor_options", {}).items()) + ")" if comp else "")
         + f". Block: N = {res['num_blocks']} blocks; 'block-no-two-phase' = Block with attn_res_two_phase=False; "
         "'*-traced' = compiled with the read traced for inductor instead of the fused kernel's ops. "
+        "'*-uncarried' = autograd sums each source's per-read gradient terms (cpu_kernel.set_carry(False)) instead "
+        "of the fused reads building each source's gradient in one buffer. "
         f"Targets: block ≤ {TARGETS['block']}, full ≤ {TARGETS['full']}."
     )
     arms = list(dict.fromkeys(r["residual"] for r in res["rows"] if r["residual"] != "standard"))

@@ -18,6 +18,11 @@ Two entry points to the same C++ functions:
   are defined here at import, whether or not the kernel builds; the C++ extension adds their CPU
   kernels when it loads. :func:`set_compiled` (default on) lets a compiled model trace the PyTorch ops
   instead, for comparison.
+
+Carried reads (``grads.py``; a Full/Block training forward, :func:`set_carry`): ``read_forward`` and
+``merge_forward`` take ``carry`` and return one carrier per source; in backward each source's gradient is
+built up in one buffer: eager in place (pybind), compiled through ``attnres::read_backward_into`` (a mutating
+op: inductor runs it in place).
 """
 
 from __future__ import annotations
