@@ -285,8 +285,8 @@ def _setup_context(slots: Slots):
     l1) are constants of the forward schedule, its gradients the joint read's over (qp, w, sources, carry)."""
     def setup_context(ctx, inputs, output):
         args = dict(zip(slots.names, inputs, strict=False))  # defaulted dtype and carry may be absent
-        _o, s, r, p, rh, _carriers = output
-        ctx.mark_non_differentiable(s, r, rh)
+        _o, s, r, p, rh, car = output
+        ctx.mark_non_differentiable(s, r, rh, *_idle(car, args["sources"]))
         ctx.set_materialize_grads(False)
         ctx.carried = args.get("carry") is not None
         ctx.save_for_backward(args["qp"], args["w"], s, r, p, rh, *args["sources"])
@@ -401,7 +401,16 @@ def _function_forward(ctx, run, qp: Tensor, w: Tensor | None, carried: int | Non
     ctx.carried = carried
     ctx.save_for_backward(qp, w, s, r, p, rh, *sources)
     out = o, p.view(len(sources), *sources[0].shape[:-1])
-    return out if carried is None else (*out, *carriers(sources))
+    if carried is None:
+        return out
+    car = carriers(sources)
+    ctx.mark_non_differentiable(*_idle(car, sources))
+    return (*out, *car)
+
+
+def _idle(car: Sequence[Tensor], sources: Sequence[Tensor]) -> list[Tensor]:
+    """The carriers of sources without a gradient: non-differentiable, so no read computes one for them."""
+    return [c for c, v in zip(car, sources, strict=True) if not v.requires_grad]
 
 
 def _function_backward(ctx, slots: Slots, dy: Tensor | None, dp_out: Tensor | None, dcarriers: Sequence) -> tuple:
