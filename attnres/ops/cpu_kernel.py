@@ -286,9 +286,9 @@ def _setup_context(slots: Slots):
     def setup_context(ctx, inputs, output):
         args = dict(zip(slots.names, inputs, strict=False))  # defaulted dtype and carry may be absent
         _o, s, r, p, rh, car = output
-        ctx.mark_non_differentiable(s, r, rh, *_idle(car, args["sources"]))
-        ctx.set_materialize_grads(False)
         ctx.carried = args.get("carry") is not None
+        ctx.mark_non_differentiable(s, r, rh, *(_idle(car, args["sources"]) if ctx.carried else ()))
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(args["qp"], args["w"], s, r, p, rh, *args["sources"])
     return setup_context
 
