@@ -362,7 +362,8 @@ void forward_impl(const T* q, const T* w, double eps, const Sources<T>& v, int64
 
 // The gradients of one token's sources of kind k (storage S), 2 W<T> features from ``off``:
 // o_i = p_i dh + c1_i q + c2_i x_i where dv[i] (added to o_i's contents where add[i]: a carried source's gradient
-// so far, built up in place), and dq += c1_i x_i, with dh, q and dq in registers across the sources. With ``ahead``, prefetches the next token's gradient rows for writing (measured: 10-27 % faster).
+// so far, built up in place), and dq += c1_i x_i, with dh, q and dq in registers across the sources. With
+// ``ahead``, prefetches the next token's gradient rows for writing (measured: 10-27 % faster).
 template <typename T, typename S>
 inline void grads_kind(vec<T> (&dq)[2], const vec<T> (&dh)[2], const vec<T> (&q)[2], const Sources<T>& v, int k,
                        const std::vector<void*>& dv, const std::vector<uint8_t>& add, int64_t off, const T* pi,
