@@ -10,7 +10,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 
 import torch
@@ -32,32 +32,63 @@ def time_once(fn: Callable[[], object], device: torch.device | str = "cpu") -> f
     return time.perf_counter() - t0
 
 
+def balanced_orders(n: int) -> list[list[int]]:
+    """Williams' orders of ``range(n)``: ``n`` of them (``2n`` for odd ``n > 1``) in which every index takes
+    every position equally often and directly follows every other index equally often.
+
+    A rotated order keeps each variant's predecessor fixed; on CPU a step inherits the allocator's free
+    memory from the step before it, so a fixed predecessor can bias a ratio.
+    """
+    if n < 1:
+        raise ValueError(f"balanced_orders: n={n}, expected at least 1")
+    first, lo, hi = [0], 1, n - 1
+    while lo <= hi:
+        first.append(lo)
+        lo += 1
+        if lo <= hi:
+            first.append(hi)
+            hi -= 1
+    rows = [[(x + k) % n for x in first] for k in range(n)]
+    return rows + [row[::-1] for row in rows] if n % 2 and n > 1 else rows
+
+
 def interleaved(
     fns: dict[str, Callable[[], object]],
     repeats: int,
     warmup: int = 1,
     device: torch.device | str = "cpu",
     progress: Callable[[int, dict[str, float]], None] | None = None,
+    group: Callable[[str], Hashable] | None = None,
 ) -> dict[str, list[float]]:
-    """Time every function ``repeats`` times, one call of each per round, rotating the order per round.
+    """Time every function ``repeats`` times, one call of each per round, in ``balanced_orders`` order.
 
     Interleaving makes slow drifts of a shared machine (other processes, frequency) hit every
-    variant alike, so ratios taken within a round are fairer than ratios of separate runs.
+    variant alike, so ratios taken within a round are fairer than ratios of separate runs; the
+    balanced orders give every variant every predecessor alike. ``group(name)``: names of one group
+    run next to each other in a round (groups and the names within each in balanced order).
     ``progress(round, {name: seconds})`` is called after each round.
     """
-    names = list(fns)
+    groups: dict[Hashable, list[str]] = {}
+    for name in fns:
+        groups.setdefault(group(name) if group else None, []).append(name)
     for _ in range(warmup):
-        for name in names:
+        for name in fns:
             fns[name]()
     sync(device)
-    times: dict[str, list[float]] = {name: [] for name in names}
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for r in range(repeats):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
-            times[name].append(time_once(fns[name], device))
+        for names in _permuted(list(groups.values()), r):
+            for name in _permuted(names, r):
+                times[name].append(time_once(fns[name], device))
         if progress is not None:
-            progress(r, {name: times[name][-1] for name in names})
+            progress(r, {name: times[name][-1] for name in fns})
     return times
+
+
+def _permuted(items: list, r: int) -> list:
+    """``items`` in round ``r``'s balanced order."""
+    orders = balanced_orders(len(items)) if items else [[]]
+    return [items[i] for i in orders[r % len(orders)]]
 
 
 def median(xs: Sequence[float]) -> float:

@@ -239,8 +239,6 @@ def _run_shape(args, device, shape: dict, plan: dict) -> dict:
                 losses[key] = loss.item()
                 calls[key] = step
                 print(f"[step] {label} {key}: {first_s[key]:.1f} s, loss {losses[key]:.3f}", flush=True)
-    # the arms of one dtype x mode next to each other in a round, so each ratio pairs neighbouring steps
-    calls = dict(sorted(calls.items(), key=lambda kv: tuple(kv[0].split("/")[:0:-1])))
     print(f"[step] {label}: timing {len(calls)} variants x {args.repeats} rounds (+{args.warmup} warm-up)", flush=True)
 
     def progress(r, ts):
@@ -248,7 +246,9 @@ def _run_shape(args, device, shape: dict, plan: dict) -> dict:
               + ", ".join(f"{k} {1e3 * v:.0f} ms" for k, v in ts.items()), flush=True)
 
     graphs_before = counters["stats"]["unique_graphs"]
-    times = interleaved(calls, repeats=args.repeats, warmup=args.warmup, device=device, progress=progress)
+    # the arms of one dtype x mode next to each other in a round, so each ratio pairs neighbouring steps
+    times = interleaved(calls, repeats=args.repeats, warmup=args.warmup, device=device, progress=progress,
+                        group=lambda key: tuple(key.split("/")[1:]))
     graphs_timed = counters["stats"]["unique_graphs"] - graphs_before
     rows = []
     for dtype in plan["dtypes"]:
@@ -349,7 +349,9 @@ def to_markdown(res: dict) -> str:
     comp = res["compile"]
     head = (
         f"{res['optimizer']}, device {res['device']}, median of {res['repeats']} interleaved rounds "
-        f"(every arm x dtype x mode of a shape in each round, order rotated; {res['warmup_rounds']} warm-up round(s) "
+        "(every arm x dtype x mode of a shape in each round, the arms of a dtype x mode next to each other, in "
+        "Williams' balanced orders: each arm after each other equally often; "
+        f"{res['warmup_rounds']} warm-up round(s) "
         "after the first two steps, which compile when compiled). 'time ÷ standard' = median over rounds of the "
         "arm's step time / standard's in the same round, at the same dtype and mode; [min–max] over rounds; "
         "'ci' a distribution-free 95 % interval of that median (from 6 rounds); 'unresolved': the target lies in "

@@ -263,6 +263,44 @@ def test_median_interval_is_the_binomial_order_statistic_interval():
     assert verdict(1.06, 1.05, (math.nan, math.nan)) == "missed"
 
 
+@pytest.mark.parametrize("n", range(1, 8))
+def test_balanced_orders_give_every_variant_every_position_and_predecessor_alike(n):
+    """Williams' design: over one cycle each index sits at each position equally often and directly follows each
+    other index equally often (a rotated order would give every index one fixed predecessor)."""
+    _main()
+    from collections import Counter
+
+    from benchmarks.common import balanced_orders
+
+    rows = balanced_orders(n)
+    assert len(rows) == (2 * n if n % 2 and n > 1 else n)
+    assert all(sorted(row) == list(range(n)) for row in rows)
+    positions = Counter((i, x) for row in rows for i, x in enumerate(row))
+    assert set(positions.values()) == {len(rows) // n}
+    pairs = Counter((a, b) for row in rows for a, b in zip(row, row[1:]))
+    assert len(pairs) == n * (n - 1) and len(set(pairs.values())) <= 1
+
+
+def test_interleaved_keeps_groups_together_in_balanced_orders():
+    """Every name once a round; the names of one group consecutive; within a group each name after each other
+    equally often over the rounds."""
+    _main()
+    from collections import Counter
+
+    from benchmarks.common import interleaved
+
+    calls = []
+    names = [f"{arm}/{mode}" for mode in ("eager", "compiled") for arm in ("standard", "full", "block", "aa")]
+    fns = {name: (lambda name=name: calls.append(name)) for name in names}
+    times = interleaved(fns, repeats=8, warmup=0, group=lambda key: key.split("/")[1])
+    assert {k: len(v) for k, v in times.items()} == dict.fromkeys(names, 8)
+    rounds = [calls[i:i + 8] for i in range(0, 64, 8)]
+    assert all(sorted(r) == sorted(names) for r in rounds)
+    assert all(len({k.split("/")[1] for k in r[:4]}) == 1 for r in rounds)
+    pairs = Counter((a, b) for r in rounds for a, b in zip(r, r[1:]) if a.split("/")[1] == b.split("/")[1])
+    assert set(pairs.values()) == {2} and len(pairs) == 2 * 4 * 3
+
+
 def test_inductor_options_reach_torch_compile(monkeypatch):
     """--inductor-option: parsed as literals (nested keys too) and handed to torch.compile(options=...); without
     it torch.compile gets no options."""
