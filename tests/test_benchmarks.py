@@ -269,6 +269,7 @@ def test_balanced_orders_give_every_variant_every_position_and_predecessor_alike
     other index equally often (a rotated order would give every index one fixed predecessor)."""
     _main()
     from collections import Counter
+    from itertools import pairwise
 
     from benchmarks.common import balanced_orders
 
@@ -277,7 +278,7 @@ def test_balanced_orders_give_every_variant_every_position_and_predecessor_alike
     assert all(sorted(row) == list(range(n)) for row in rows)
     positions = Counter((i, x) for row in rows for i, x in enumerate(row))
     assert set(positions.values()) == {len(rows) // n}
-    pairs = Counter((a, b) for row in rows for a, b in zip(row, row[1:]))
+    pairs = Counter((a, b) for row in rows for a, b in pairwise(row))
     assert len(pairs) == n * (n - 1) and len(set(pairs.values())) <= 1
 
 
@@ -286,6 +287,7 @@ def test_interleaved_keeps_groups_together_in_balanced_orders():
     equally often over the rounds."""
     _main()
     from collections import Counter
+    from itertools import pairwise
 
     from benchmarks.common import interleaved
 
@@ -297,7 +299,7 @@ def test_interleaved_keeps_groups_together_in_balanced_orders():
     rounds = [calls[i:i + 8] for i in range(0, 64, 8)]
     assert all(sorted(r) == sorted(names) for r in rounds)
     assert all(len({k.split("/")[1] for k in r[:4]}) == 1 for r in rounds)
-    pairs = Counter((a, b) for r in rounds for a, b in zip(r, r[1:]) if a.split("/")[1] == b.split("/")[1])
+    pairs = Counter((a, b) for r in rounds for a, b in pairwise(r) if a.split("/")[1] == b.split("/")[1])
     assert set(pairs.values()) == {2} and len(pairs) == 2 * 4 * 3
 
 
