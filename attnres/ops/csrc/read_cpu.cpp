@@ -319,6 +319,26 @@ inline void key_stats(T* __restrict ss, T* __restrict sq, int64_t L, int64_t d, 
   }
 }
 
+// Tokens per tile of the forward: the statistics sweep reads kForwardTile consecutive rows of one source before
+// the next source, so each source is read in runs of kForwardTile rows (pages at d 1024 fp32) instead of one;
+// the tile's rows stay in L2 for the mix (measured at 9 x 8192 x 1024 fp32, two threads: 12.0-14.4 -> 10.4-11.8
+// ms; tiles of 2, 8 and 16 no better).
+constexpr int64_t kForwardTile = 4;
+
+// One token's softmax over its L logits sq (with the rstd ss), stored into s, r and p at token t.
+template <typename T>
+inline void token_softmax(const T* ss, const T* sq, int64_t L, int64_t n, int64_t t, T* s, T* r, T* p) {
+  T m = -INFINITY;
+  for (int64_t i = 0; i < L; ++i) {
+    r[i * n + t] = ss[i];
+    s[i * n + t] = sq[i];
+    m = std::max(m, sq[i]);
+  }
+  T z = 0;
+  for (int64_t i = 0; i < L; ++i) z += (p[i * n + t] = std::exp(s[i * n + t] - m));
+  for (int64_t i = 0; i < L; ++i) p[i * n + t] /= z;
+}
+
 template <typename T, typename O>
 void forward_impl(const T* q, const T* w, double eps, const Sources<T>& v, int64_t n, int64_t d, O* out, T* s,
                   T* r, T* p, T* rh) {
@@ -326,35 +346,33 @@ void forward_impl(const T* q, const T* w, double eps, const Sources<T>& v, int64
   const T e = static_cast<T>(eps);
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     constexpr bool same = std::is_same_v<O, T>;
-    std::vector<T> h(w || !same ? d : 0), ss(L), sq(L);
-    for (int64_t t = begin; t < end; ++t) {
+    std::vector<T> h(w || !same ? d : 0), ss(L * kForwardTile), sq(L * kForwardTile);  // [token of tile][source]
+    for (int64_t t0 = begin; t0 < end; t0 += kForwardTile) {
+      const int64_t m = std::min(kForwardTile, end - t0);
       for (int64_t i = 0; i < L; ++i) {
         visit<T>(v.kind[i], [&](auto tag) {
           using S = ATTNRES_STORAGE(tag);
-          std::tie(ss[i], sq[i]) = dots<T>(static_cast<const S*>(v.ptr[i]) + t * d, q, d, true, t + 1 < end);
+          const S* a = static_cast<const S*>(v.ptr[i]) + t0 * d;
+          for (int64_t j = 0; j < m; ++j)
+            std::tie(ss[j * L + i], sq[j * L + i]) = dots<T>(a + j * d, q, d, true, t0 + j + 1 < end);
         });
       }
-      key_stats<T>(ss.data(), sq.data(), L, d, e);  // ss -> r, sq -> s, all sources at once
-      T m = -INFINITY;
-      for (int64_t i = 0; i < L; ++i) {
-        r[i * n + t] = ss[i];
-        s[i * n + t] = sq[i];
-        m = std::max(m, sq[i]);
-      }
-      T z = 0;
-      for (int64_t i = 0; i < L; ++i) z += (p[i * n + t] = std::exp(s[i * n + t] - m));
-      for (int64_t i = 0; i < L; ++i) p[i * n + t] /= z;
-      T* o = h.data();
-      if constexpr (same) {
-        if (!w) o = out + t * d;
-      }
-      mix(v, t * d, p + t, n, d, o);
-      if (w) {
-        const T rr = T(1) / std::sqrt(dot(o, o, d) / d + e);
-        rh[t] = rr;
-        put_row<T, O>(out + t * d, o, rr, w, d);
-      } else if constexpr (!same) {
-        put_row<T, O>(out + t * d, o, T(1), nullptr, d);
+      for (int64_t j = 0; j < m; ++j) {
+        const int64_t t = t0 + j;
+        key_stats<T>(ss.data() + j * L, sq.data() + j * L, L, d, e);  // ss -> r, sq -> s, all sources at once
+        token_softmax<T>(ss.data() + j * L, sq.data() + j * L, L, n, t, s, r, p);
+        T* o = h.data();
+        if constexpr (same) {
+          if (!w) o = out + t * d;
+        }
+        mix(v, t * d, p + t, n, d, o);
+        if (w) {
+          const T rr = T(1) / std::sqrt(dot(o, o, d) / d + e);
+          rh[t] = rr;
+          put_row<T, O>(out + t * d, o, rr, w, d);
+        } else if constexpr (!same) {
+          put_row<T, O>(out + t * d, o, T(1), nullptr, d);
+        }
       }
     }
   });
