@@ -308,6 +308,19 @@ inline void put_row(O* y, const T* x, T scale, const T* w, int64_t d) {
   for (int64_t k = full; k < d; ++k) y[k] = down<O>(w ? x[k] * scale * w[k] : x[k] * scale);
 }
 
+// Output row t from its mix h: through the output norm (weight w; its rstd into rh[t]) or converted to O;
+// nothing to do when h is the output row already (same type, no norm).
+template <typename T, typename O>
+inline void output_row(O* out, const T* h, const T* w, T e, int64_t d, int64_t t, T* rh) {
+  if (w) {
+    const T rr = T(1) / std::sqrt(dot(h, h, d) / d + e);
+    rh[t] = rr;
+    put_row<T, O>(out + t * d, h, rr, w, d);
+  } else if constexpr (!std::is_same_v<O, T>) {
+    put_row<T, O>(out + t * d, h, T(1), nullptr, d);
+  }
+}
+
 // Per source of one token: the key rstd r = 1 / sqrt(ss / d + e) (over ss) and the logit s = sq * r (over sq),
 // vectorised over the sources (the same IEEE operations as one at a time, so the same values).
 template <typename T>
@@ -366,13 +379,7 @@ void forward_impl(const T* q, const T* w, double eps, const Sources<T>& v, int64
           if (!w) o = out + t * d;
         }
         mix(v, t * d, p + t, n, d, o);
-        if (w) {
-          const T rr = T(1) / std::sqrt(dot(o, o, d) / d + e);
-          rh[t] = rr;
-          put_row<T, O>(out + t * d, o, rr, w, d);
-        } else if constexpr (!same) {
-          put_row<T, O>(out + t * d, o, T(1), nullptr, d);
-        }
+        output_row<T, O>(out, o, w, e, d, t, rh);
       }
     }
   });
@@ -593,13 +600,7 @@ void merge_impl(const T* q, const T* w, double eps, const Sources<T>& v, int64_t
         r[i * N + t] = r1[i * N + t];
         p[i * N + t] = std::exp(s1[i * N + t] - big) / z;
       }
-      if (w) {
-        const T rr = T(1) / std::sqrt(dot(h, h, d) / d + e);
-        rh[t] = rr;
-        put_row<T, O>(out + t * d, h, rr, w, d);
-      } else if constexpr (!same) {
-        put_row<T, O>(out + t * d, h, T(1), nullptr, d);
-      }
+      output_row<T, O>(out, h, w, e, d, t, rh);
     }
   });
 }
